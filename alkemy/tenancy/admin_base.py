@@ -1,0 +1,81 @@
+"""The admin base class every tenant-owned ModelAdmin uses.
+
+Superusers see everything. A staff user sees only rows of tenants they are a member of; the
+membership role decides what they may do there (viewers only look). Django's per-model
+permissions are not needed for studio staff: membership is the permission.
+"""
+
+from __future__ import annotations
+
+from django.contrib import admin
+
+from alkemy.tenancy.models import WRITE_ROLES, Membership, Tenant
+
+
+def _roles_by_tenant(request) -> dict[int, str]:
+    cache = getattr(request, "_alkemy_roles", None)
+    if cache is None:
+        cache = dict(Membership.objects.unscoped().filter(user=request.user).values_list("tenant_id", "role"))
+        request._alkemy_roles = cache
+    return cache
+
+
+def writable_tenant_ids(request) -> set[int]:
+    return {tid for tid, role in _roles_by_tenant(request).items() if role in WRITE_ROLES}
+
+
+class TenantScopedAdmin(admin.ModelAdmin):
+    #: lookup from this model to its tenant id
+    tenant_lookup = "tenant"
+
+    def get_queryset(self, request):
+        queryset = (
+            self.model.objects.unscoped() if hasattr(self.model.objects, "unscoped") else super().get_queryset(request)
+        )
+        ordering = self.get_ordering(request)
+        if ordering:
+            queryset = queryset.order_by(*ordering)
+        if request.user.is_superuser:
+            return queryset
+        return queryset.filter(**{f"{self.tenant_lookup}__in": list(_roles_by_tenant(request))})
+
+    def _tenant_id_of(self, obj) -> int | None:
+        value = obj
+        for part in self.tenant_lookup.split("__"):
+            value = getattr(value, part, None)
+            if value is None:
+                return None
+        return value.pk if isinstance(value, Tenant) else value
+
+    def has_module_permission(self, request):
+        return request.user.is_active and (request.user.is_superuser or bool(_roles_by_tenant(request)))
+
+    def has_view_permission(self, request, obj=None):
+        if request.user.is_superuser:
+            return True
+        roles = _roles_by_tenant(request)
+        return bool(roles) if obj is None else self._tenant_id_of(obj) in roles
+
+    def has_add_permission(self, request):
+        return request.user.is_superuser or bool(writable_tenant_ids(request))
+
+    def has_change_permission(self, request, obj=None):
+        if request.user.is_superuser:
+            return True
+        writable = writable_tenant_ids(request)
+        return bool(writable) if obj is None else self._tenant_id_of(obj) in writable
+
+    def has_delete_permission(self, request, obj=None):
+        return self.has_change_permission(request, obj)
+
+    def formfield_for_foreignkey(self, db_field, request, **kwargs):
+        if db_field.name == "tenant" and not request.user.is_superuser:
+            kwargs["queryset"] = Tenant.objects.filter(pk__in=writable_tenant_ids(request))
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
+
+    def get_changeform_initial_data(self, request):
+        initial = super().get_changeform_initial_data(request)
+        writable = writable_tenant_ids(request)
+        if "tenant" not in initial and len(writable) == 1:
+            initial["tenant"] = next(iter(writable))
+        return initial

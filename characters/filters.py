@@ -1,0 +1,17 @@
+import django_filters
+
+from characters.models import Character
+
+
+class CharacterFilter(django_filters.FilterSet):
+    tag = django_filters.CharFilter(method="filter_tag", help_text="Only characters carrying this tag.")
+    archived = django_filters.BooleanFilter(
+        field_name="is_archived", help_text="true: only archived; false: only active; omitted: both."
+    )
+
+    class Meta:
+        model = Character
+        fields = ["tag", "archived"]
+
+    def filter_tag(self, queryset, name, value):
+        return queryset.filter(tags__contains=[value.strip().lower()])

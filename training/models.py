@@ -1,0 +1,1 @@
+"""LoRA training jobs and artifacts (the training issue builds them here)."""
