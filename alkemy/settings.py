@@ -199,3 +199,11 @@ if not DEBUG:
 
 # Shared across processes (web, both clusters): django-q2 keeps cluster heartbeats here.
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "alkemy_cache"}}
+
+# Character registry
+ALKEMY_FACE_EMBEDDER = os.environ.get("ALKEMY_FACE_EMBEDDER", "auto")  # auto | dlib | arcface_antelopev2 | ...
+ALKEMY_MAX_UPLOAD_BYTES = env_int("ALKEMY_MAX_UPLOAD_BYTES", 20 * 1024 * 1024)
+ALKEMY_MAX_IMAGE_PIXELS = env_int("ALKEMY_MAX_IMAGE_PIXELS", 40_000_000)
+ALKEMY_MAX_REFERENCES = env_int("ALKEMY_MAX_REFERENCES", 5)
+ALKEMY_MIN_FACE_PX = env_int("ALKEMY_MIN_FACE_PX", 80)
+ALKEMY_BLUR_WARN_BELOW = float(os.environ.get("ALKEMY_BLUR_WARN_BELOW", "40"))

@@ -1,20 +1,37 @@
 """Character registry endpoints. Thin: parse, call one service or selector, render."""
 
+from django.http import FileResponse
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
+from rest_framework.decorators import action
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
 
-from alkemy.api.base import TenantModelViewSet
+from alkemy.api.base import TenantAPIView, TenantModelViewSet, TenantViewSet
+from alkemy.tenancy.authentication import ApiKeyPrincipal
 from characters import selectors, services
 from characters.filters import CharacterFilter
-from characters.serializers import CharacterSerializer
+from characters.serializers import (
+    CharacterSerializer,
+    FaceSearchRequestSerializer,
+    FaceSearchResponseSerializer,
+    ImageUploadSerializer,
+    ReferenceCreatedSerializer,
+    ReferenceImageSerializer,
+    SimilarCharacterSerializer,
+    SimilarQuerySerializer,
+    SimilarResponseSerializer,
+)
 
 
 def _creator_kwargs(request) -> dict:
-    from alkemy.tenancy.authentication import ApiKeyPrincipal
-
     if isinstance(request.user, ApiKeyPrincipal):
         return {"created_by_api_key": request.user.api_key}
     return {"created_by": request.user}
+
+
+def _face_json(face) -> dict:
+    return {"box": [round(v, 1) for v in face.box], "det_score": round(face.score, 4)}
 
 
 class CharacterViewSet(TenantModelViewSet):
@@ -58,3 +75,108 @@ class CharacterViewSet(TenantModelViewSet):
 
     def perform_destroy(self, instance):
         services.character_delete(character=instance)
+
+    @extend_schema(
+        summary="Characters similar to this one (duplicate hunting)",
+        parameters=[SimilarQuerySerializer],
+        responses=SimilarResponseSerializer,
+    )
+    @action(detail=True, methods=["get"])
+    def similar(self, request, pk=None):
+        query = SimilarQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        embedder, results = services.characters_similar(
+            character=self.get_object(),
+            limit=query.validated_data["limit"],
+            min_similarity=query.validated_data.get("min_similarity"),
+        )
+        return Response(
+            {
+                "embedder": embedder.name,
+                "match_threshold": embedder.match_threshold,
+                "results": SimilarCharacterSerializer(results, many=True, context={"request": request}).data,
+            }
+        )
+
+
+CHARACTER_PARAMETER = OpenApiParameter("character_pk", int, OpenApiParameter.PATH, description="Character id")
+
+
+@extend_schema(parameters=[CHARACTER_PARAMETER])
+class ReferenceViewSet(TenantViewSet):
+    """Reference photos of one character. Adding one detects, checks and embeds the face."""
+
+    serializer_class = ReferenceImageSerializer
+    parser_classes = [MultiPartParser, FormParser]
+    pagination_class = None
+
+    def character(self):
+        return selectors.character_get(tenant=self.tenant, character_id=self.kwargs["character_pk"])
+
+    def get_queryset(self):
+        return selectors.reference_list(character=self.character())
+
+    @extend_schema(summary="List reference photos", responses=ReferenceImageSerializer(many=True))
+    def list(self, request, character_pk=None):
+        serializer = self.get_serializer(self.get_queryset(), many=True)
+        return Response(serializer.data)
+
+    @extend_schema(
+        summary="Add a reference photo",
+        request={"multipart/form-data": ImageUploadSerializer},
+        responses={201: ReferenceCreatedSerializer},
+    )
+    def create(self, request, character_pk=None):
+        character = self.character()
+        upload = ImageUploadSerializer(data=request.data)
+        upload.is_valid(raise_exception=True)
+        added = services.reference_add(
+            character=character, upload=upload.validated_data["image"], created_by=request.user
+        )
+        context = {**self.get_serializer_context(), "similar_characters": added.similar_characters}
+        return Response(ReferenceCreatedSerializer(added.reference, context=context).data, status=201)
+
+    @extend_schema(summary="One reference photo")
+    def retrieve(self, request, character_pk=None, pk=None):
+        reference = selectors.reference_get(character=self.character(), reference_id=pk)
+        return Response(self.get_serializer(reference).data)
+
+    @extend_schema(summary="Remove a reference photo (the identity is recomputed)", responses={204: None})
+    def destroy(self, request, character_pk=None, pk=None):
+        services.reference_delete(reference=selectors.reference_get(character=self.character(), reference_id=pk))
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    @extend_schema(summary="Download the original photo", responses={(200, "image/*"): bytes})
+    @action(detail=True, methods=["get"])
+    def image(self, request, character_pk=None, pk=None):
+        reference = selectors.reference_get(character=self.character(), reference_id=pk)
+        content_type = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}[reference.image_format]
+        return FileResponse(reference.file.open("rb"), content_type=content_type)
+
+
+class FaceSearchView(TenantAPIView):
+    parser_classes = [MultiPartParser, FormParser]
+
+    @extend_schema(
+        summary="Find the tenant's characters by a photo",
+        request={"multipart/form-data": FaceSearchRequestSerializer},
+        responses=FaceSearchResponseSerializer,
+    )
+    def post(self, request):
+        form = FaceSearchRequestSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        found = services.faces_search(
+            tenant=self.tenant,
+            upload=form.validated_data["image"],
+            limit=form.validated_data["limit"],
+            min_similarity=form.validated_data.get("min_similarity"),
+        )
+        return Response(
+            {
+                "embedder": found.embedder.name,
+                "match_threshold": found.embedder.match_threshold,
+                "face": _face_json(found.face),
+                "other_faces": [_face_json(face) for face in found.other_faces],
+                "results": SimilarCharacterSerializer(found.results, many=True, context={"request": request}).data,
+            }
+        )

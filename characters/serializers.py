@@ -1,14 +1,119 @@
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from characters.models import Character
+from characters.models import Character, ReferenceImage
 
 
 class CharacterSerializer(serializers.ModelSerializer):
     slug = serializers.SlugField(max_length=100, required=False, allow_blank=True)
     tags = serializers.ListField(child=serializers.CharField(max_length=50), required=False, max_length=20)
     archived = serializers.BooleanField(source="is_archived", required=False)
+    reference_count = serializers.SerializerMethodField()
 
     class Meta:
         model = Character
-        fields = ["id", "name", "slug", "description", "tags", "archived", "created_at", "updated_at"]
-        read_only_fields = ["id", "created_at", "updated_at"]
+        fields = [
+            "id",
+            "name",
+            "slug",
+            "description",
+            "tags",
+            "archived",
+            "reference_count",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = ["id", "reference_count", "created_at", "updated_at"]
+
+    def get_reference_count(self, obj) -> int:
+        count = getattr(obj, "reference_count", None)
+        return count if count is not None else ReferenceImage.objects.unscoped().filter(character=obj).count()
+
+
+class ReferenceImageSerializer(serializers.ModelSerializer):
+    image_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ReferenceImage
+        fields = [
+            "id",
+            "character",
+            "image_url",
+            "sha256",
+            "image_format",
+            "file_size",
+            "width",
+            "height",
+            "embedder",
+            "face_box",
+            "landmarks",
+            "det_score",
+            "quality",
+            "warnings",
+            "other_faces",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field(serializers.CharField())
+    def get_image_url(self, obj) -> str:
+        request = self.context.get("request")
+        path = f"/api/v1/characters/{obj.character_id}/references/{obj.pk}/image"
+        return request.build_absolute_uri(path) if request else path
+
+
+class SimilarCharacterSerializer(serializers.Serializer):
+    character = CharacterSerializer()
+    similarity = serializers.FloatField(help_text="Cosine similarity of the face embeddings (1 = identical)")
+    is_match = serializers.BooleanField(help_text="At or above the embedder's same-person threshold")
+    reference = serializers.IntegerField(source="reference_id", allow_null=True, help_text="Best-matching reference")
+
+
+class ReferenceCreatedSerializer(ReferenceImageSerializer):
+    similar_characters = serializers.SerializerMethodField(
+        help_text="Other characters of the tenant above the duplicate threshold: possible duplicates (not refused)"
+    )
+
+    class Meta(ReferenceImageSerializer.Meta):
+        fields = [*ReferenceImageSerializer.Meta.fields, "similar_characters"]
+        read_only_fields = fields
+
+    @extend_schema_field(SimilarCharacterSerializer(many=True))
+    def get_similar_characters(self, obj):
+        return SimilarCharacterSerializer(self.context["similar_characters"], many=True, context=self.context).data
+
+
+class ImageUploadSerializer(serializers.Serializer):
+    # Empty files reach the service, which answers 422 invalid_image like any other unreadable photo.
+    image = serializers.FileField(
+        allow_empty_file=True, help_text="JPEG, PNG or WebP photo (content is sniffed, not the file name)"
+    )
+
+
+class FaceSearchRequestSerializer(ImageUploadSerializer):
+    limit = serializers.IntegerField(default=10, min_value=1, max_value=100)
+    min_similarity = serializers.FloatField(required=False, min_value=-1.0, max_value=1.0)
+
+
+class SimilarQuerySerializer(serializers.Serializer):
+    limit = serializers.IntegerField(default=10, min_value=1, max_value=100)
+    min_similarity = serializers.FloatField(required=False, min_value=-1.0, max_value=1.0)
+
+
+class DetectedFaceSerializer(serializers.Serializer):
+    box = serializers.ListField(child=serializers.FloatField())
+    det_score = serializers.FloatField()
+
+
+class FaceSearchResponseSerializer(serializers.Serializer):
+    embedder = serializers.CharField()
+    match_threshold = serializers.FloatField()
+    face = DetectedFaceSerializer()
+    other_faces = DetectedFaceSerializer(many=True)
+    results = SimilarCharacterSerializer(many=True)
+
+
+class SimilarResponseSerializer(serializers.Serializer):
+    embedder = serializers.CharField()
+    match_threshold = serializers.FloatField()
+    results = SimilarCharacterSerializer(many=True)

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
+import numpy as np
+from django.conf import settings
+from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
 from django.db import IntegrityError, transaction
 from django.utils.text import slugify
 
-from alkemy.errors import AlkemyError, Conflict
+from alkemy.errors import AlkemyError, Conflict, Unprocessable
 from alkemy.tenancy.models import Tenant
-from characters.models import Character
+from characters.faces import DetectedFace, EmbedderInfo, embedder_infos, get_embedder, resolve_embedder_name
+from characters.models import Character, CharacterIdentity, FaceEmbedding, ReferenceImage, reference_upload_to
+from characters.photos import Photo, load_photo, read_upload
+from characters.quality import assess, pick_subject, rank_faces
+from characters.search import nearest_characters, similar_identities
 
 MAX_TAGS = 20
 MAX_TAG_LENGTH = 50
@@ -97,4 +106,240 @@ def character_update(*, character: Character, **changes) -> Character:
 
 
 def character_delete(*, character: Character) -> None:
-    character.delete()
+    """Delete the character with its references, embeddings and identity; files go after commit."""
+    file_names = list(ReferenceImage.objects.unscoped().filter(character=character).values_list("file", flat=True))
+    with transaction.atomic():
+        character.delete()
+        transaction.on_commit(lambda: [default_storage.delete(name) for name in file_names])
+
+
+# --- reference photos and identities -------------------------------------------------------
+
+
+@dataclass
+class AnalysedPhoto:
+    photo: Photo
+    embedder: EmbedderInfo
+    subject: DetectedFace
+    others: list[DetectedFace]
+    quality: dict
+    warnings: list[str]
+
+
+@dataclass
+class SimilarCharacter:
+    character: Character
+    similarity: float
+    reference_id: int | None = None
+    is_match: bool = False
+
+
+@dataclass
+class ReferenceAdded:
+    reference: ReferenceImage
+    similar_characters: list[SimilarCharacter]
+
+
+def photo_analyse(*, upload, min_face_px: int | None = None) -> AnalysedPhoto:
+    """Read, validate and face-analyse an uploaded photo; Unprocessable on any problem."""
+    photo = load_photo(read_upload(upload))
+    embedder = get_embedder()
+    subject, others = pick_subject(embedder.analyze(photo.pixels), min_face_px=min_face_px)
+    quality, warnings = assess(photo.pixels, subject)
+    quality["det_score"] = round(subject.score, 4)
+    return AnalysedPhoto(photo, embedder.info, subject, others, quality, warnings)
+
+
+def reference_add(*, character: Character, upload, created_by=None) -> ReferenceAdded:
+    """Store a reference photo of `character`: validate, detect, embed, update the identity.
+
+    Leaves no row and no file behind when anything fails. Possible duplicates among the
+    tenant's other characters are reported, not refused.
+    """
+    max_references = settings.ALKEMY_MAX_REFERENCES
+    if ReferenceImage.objects.unscoped().filter(character=character).count() >= max_references:
+        raise _too_many_references(max_references)
+    analysed = photo_analyse(upload=upload)
+    photo = analysed.photo
+
+    stored_name = None
+    try:
+        with transaction.atomic():
+            # Serialise additions per character: the count and duplicate checks must hold at commit.
+            Character.objects.unscoped().select_for_update().filter(pk=character.pk).first()
+            references = ReferenceImage.objects.unscoped().filter(character=character)
+            if references.count() >= max_references:
+                raise _too_many_references(max_references)
+            if references.filter(sha256=photo.sha256).exists():
+                raise Conflict(
+                    "This photo is already a reference of the character.", code="duplicate_reference", field="image"
+                )
+            reference = ReferenceImage(
+                tenant_id=character.tenant_id,
+                character=character,
+                sha256=photo.sha256,
+                image_format=photo.image_format,
+                file_size=len(photo.data),
+                width=photo.width,
+                height=photo.height,
+                embedder=analysed.embedder.name,
+                face_box=[round(v, 1) for v in analysed.subject.box],
+                landmarks=[[round(float(x), 1), round(float(y), 1)] for x, y in analysed.subject.keypoints],
+                det_score=analysed.subject.score,
+                quality=analysed.quality,
+                warnings=analysed.warnings,
+                other_faces=[[round(v, 1) for v in face.box] for face in analysed.others],
+                created_by=created_by if getattr(created_by, "pk", None) else None,
+            )
+            stored_name = default_storage.save(reference_upload_to(reference, ""), ContentFile(photo.data))
+            reference.file.name = stored_name
+            reference.save()
+            FaceEmbedding.objects.unscoped().create(
+                tenant_id=character.tenant_id,
+                character=character,
+                reference=reference,
+                embedder=analysed.embedder.name,
+                dims=analysed.embedder.dims,
+                embedding=analysed.subject.embedding,
+            )
+            identity = identity_recompute(character=character, embedder=analysed.embedder.name)
+    except BaseException:
+        if stored_name:
+            default_storage.delete(stored_name)
+        raise
+
+    similar = identity_duplicates(character=character, identity=identity)
+    return ReferenceAdded(reference=reference, similar_characters=similar)
+
+
+def _too_many_references(limit: int) -> Unprocessable:
+    return Unprocessable(
+        f"A character holds at most {limit} reference photos; delete one first.",
+        code="too_many_references",
+        field="image",
+        details={"max_references": limit},
+    )
+
+
+def reference_delete(*, reference: ReferenceImage) -> None:
+    """Remove a reference and its embedding, recompute the identity, delete the file after commit."""
+    file_name = reference.file.name
+    character = reference.character
+    embedders = set(FaceEmbedding.objects.unscoped().filter(reference=reference).values_list("embedder", flat=True))
+    with transaction.atomic():
+        Character.objects.unscoped().select_for_update().filter(pk=character.pk).first()
+        reference.delete()
+        for embedder in embedders | {reference.embedder}:
+            identity_recompute(character=character, embedder=embedder)
+        transaction.on_commit(lambda: default_storage.delete(file_name))
+
+
+def identity_recompute(*, character: Character, embedder: str) -> CharacterIdentity | None:
+    """The character's identity for `embedder`: renormalised mean of its reference embeddings."""
+    vectors = [
+        np.asarray(v, dtype=np.float32)
+        for v in FaceEmbedding.objects.unscoped()
+        .filter(character=character, embedder=embedder)
+        .values_list("embedding", flat=True)
+    ]
+    identities = CharacterIdentity.objects.unscoped().filter(character=character, embedder=embedder)
+    if not vectors:
+        identities.delete()
+        return None
+    mean = np.mean(np.stack(vectors), axis=0)
+    mean /= np.linalg.norm(mean)
+    identity, _ = CharacterIdentity.objects.unscoped().update_or_create(
+        character=character,
+        embedder=embedder,
+        defaults={
+            "tenant_id": character.tenant_id,
+            "dims": len(mean),
+            "embedding": mean,
+            "reference_count": len(vectors),
+        },
+    )
+    return identity
+
+
+def identity_duplicates(*, character: Character, identity: CharacterIdentity | None) -> list[SimilarCharacter]:
+    """Other characters of the tenant whose identity is above the embedder's duplicate threshold."""
+    if identity is None:
+        return []
+    info = embedder_infos()[identity.embedder]
+    neighbours = similar_identities(
+        tenant_id=character.tenant_id,
+        embedder=identity.embedder,
+        vector=np.asarray(identity.embedding),
+        exclude_character_id=character.pk,
+        min_similarity=info.duplicate_threshold,
+    )
+    return _with_characters(neighbours, info)
+
+
+def _with_characters(neighbours, info: EmbedderInfo) -> list[SimilarCharacter]:
+    characters = Character.objects.unscoped().in_bulk([n.character_id for n in neighbours])
+    return [
+        SimilarCharacter(
+            character=characters[n.character_id],
+            similarity=round(n.similarity, 4),
+            reference_id=n.reference_id,
+            is_match=n.similarity >= info.match_threshold,
+        )
+        for n in neighbours
+        if n.character_id in characters
+    ]
+
+
+# --- search ---------------------------------------------------------------------------------
+
+
+@dataclass
+class FaceSearchResult:
+    embedder: EmbedderInfo
+    face: DetectedFace
+    other_faces: list[DetectedFace]
+    results: list[SimilarCharacter]
+
+
+MAX_SEARCH_LIMIT = 100
+
+
+def faces_search(*, tenant: Tenant, upload, limit: int = 10, min_similarity: float | None = None) -> FaceSearchResult:
+    """The tenant's characters nearest to the largest face in the photo."""
+    photo = load_photo(read_upload(upload))
+    embedder = get_embedder()
+    faces = embedder.analyze(photo.pixels)
+    if not faces:
+        raise Unprocessable("No face was found in the photo.", code="no_face", field="image")
+    face, _, other_faces = rank_faces(faces)  # a search photo may show several people: take the main one
+    neighbours = nearest_characters(
+        tenant_id=tenant.pk,
+        embedder=embedder.info.name,
+        vector=face.embedding,
+        limit=limit,
+        min_similarity=min_similarity,
+    )
+    return FaceSearchResult(embedder.info, face, other_faces, _with_characters(neighbours, embedder.info))
+
+
+def characters_similar(
+    *, character: Character, limit: int = 10, min_similarity: float | None = None
+) -> tuple[EmbedderInfo, list[SimilarCharacter]]:
+    """Characters of the same tenant nearest to `character`'s identity (duplicate hunting)."""
+    embedder = embedder_infos()[resolve_embedder_name()]
+    identity = CharacterIdentity.objects.unscoped().filter(character=character, embedder=embedder.name).first()
+    if identity is None:
+        raise Unprocessable(
+            f"The character has no reference photo analysed by the '{embedder.name}' embedder yet.",
+            code="no_identity",
+            field="character",
+        )
+    neighbours = nearest_characters(
+        tenant_id=character.tenant_id,
+        embedder=embedder.name,
+        vector=np.asarray(identity.embedding),
+        limit=limit,
+        min_similarity=min_similarity,
+        exclude_character_id=character.pk,
+    )
+    return embedder, _with_characters(neighbours, embedder)

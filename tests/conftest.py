@@ -54,3 +54,15 @@ def staff_of_a(db, studio_a):
     user = get_user_model().objects.create_user("alice", "alice@example.com", "pw-alice-123", is_staff=True)
     membership_set(tenant=studio_a.tenant, user=user, role=Role.MEMBER)
     return user
+
+
+@pytest.fixture
+def media_root(settings, tmp_path):
+    """Uploaded files go to a fresh folder per test, so file counts can be asserted."""
+    settings.MEDIA_ROOT = tmp_path / "media"
+    settings.MEDIA_ROOT.mkdir()
+    return settings.MEDIA_ROOT
+
+
+def stored_files(root) -> list:
+    return sorted(p for p in root.rglob("*") if p.is_file())
