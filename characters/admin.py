@@ -1,17 +1,216 @@
-from django.contrib import admin
+"""Admin for studio staff: characters with their reference photos, and "find character by photo"."""
 
-from alkemy.tenancy.admin_base import TenantScopedAdmin
-from characters.models import Character
+from __future__ import annotations
+
+from django import forms
+from django.contrib import admin, messages
+from django.db.models import Count
+from django.http import Http404, HttpResponse
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils.html import format_html
+
+from alkemy.errors import AlkemyError
+from alkemy.tenancy.admin_base import TenantScopedAdmin, _roles_by_tenant
+from alkemy.tenancy.models import Tenant
+from characters.models import Character, ReferenceImage
+from characters.services import character_delete, faces_search, reference_add, reference_delete
+from characters.thumbnails import reference_thumbnail
+
+
+class MultipleFileInput(forms.ClearableFileInput):
+    allow_multiple_selected = True
+
+
+class MultipleFileField(forms.FileField):
+    widget = MultipleFileInput
+
+    def clean(self, data, initial=None):
+        files = data if isinstance(data, (list, tuple)) else [data]
+        return [super(MultipleFileField, self).clean(f, initial) for f in files if f]
+
+
+class CharacterForm(forms.ModelForm):
+    new_references = MultipleFileField(
+        required=False,
+        label="Add reference photos",
+        help_text="JPEG, PNG or WebP, one person per photo. Each is checked and embedded on save.",
+    )
+
+    class Meta:
+        model = Character
+        fields = ["tenant", "name", "slug", "description", "tags", "is_archived"]
+
+
+def thumbnail_url(reference: ReferenceImage, *, size: int, face: bool = False) -> str:
+    url = reverse("admin:characters_reference_thumbnail", args=[reference.pk])
+    return f"{url}?size={size}" + ("&face=1" if face else "")
+
+
+class ReferenceImageInline(admin.TabularInline):
+    model = ReferenceImage
+    extra = 0
+    can_delete = True
+    show_change_link = False
+    fields = ["photo", "detection", "quality_summary", "warning_list", "other_face_count", "created_at"]
+    readonly_fields = fields
+
+    def get_queryset(self, request):
+        return ReferenceImage.objects.unscoped().select_related("character")
+
+    def has_add_permission(self, request, obj=None):
+        return False  # photos are added with the "Add reference photos" field, which runs the analysis
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return obj is None or request.user.is_superuser or _roles_by_tenant(request).get(obj.tenant_id) != "viewer"
+
+    @admin.display(description="Photo (face box)")
+    def photo(self, obj):
+        return format_html('<img src="{}" alt="" style="max-height:160px">', thumbnail_url(obj, size=256))
+
+    @admin.display(description="Detection score")
+    def detection(self, obj):
+        return f"{obj.det_score:.3f} ({obj.embedder})"
+
+    @admin.display(description="Warnings")
+    def warning_list(self, obj):
+        return ", ".join(w.replace("_", " ") for w in obj.warnings) or "none"
+
+    @admin.display(description="Quality")
+    def quality_summary(self, obj):
+        q = obj.quality
+        return f"face {q.get('face_px')} px, sharpness {q.get('sharpness')}, brightness {q.get('brightness')}"
+
+    @admin.display(description="Other faces")
+    def other_face_count(self, obj):
+        return len(obj.other_faces)
 
 
 @admin.register(Character)
 class CharacterAdmin(TenantScopedAdmin):
-    list_display = ["name", "slug", "tenant", "tag_list", "is_archived", "updated_at"]
+    form = CharacterForm
+    list_display = ["face", "name", "tenant", "reference_count", "tag_list", "is_archived", "updated_at"]
+    list_display_links = ["face", "name"]
     list_filter = ["tenant", "is_archived"]
     search_fields = ["name", "slug", "description"]
     prepopulated_fields = {"slug": ["name"]}
     readonly_fields = ["created_by", "created_by_api_key", "created_at", "updated_at"]
+    inlines = [ReferenceImageInline]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(reference_total=Count("references"))
+
+    @admin.display(description="Face")
+    def face(self, obj):
+        reference = ReferenceImage.objects.unscoped().filter(character=obj).order_by("-det_score").first()
+        if reference is None:
+            return "—"
+        return format_html('<img src="{}" alt="" height="48">', thumbnail_url(reference, size=96, face=True))
+
+    @admin.display(description="References", ordering="reference_total")
+    def reference_count(self, obj):
+        return obj.reference_total
 
     @admin.display(description="Tags")
     def tag_list(self, obj):
         return ", ".join(obj.tags)
+
+    def save_related(self, request, form, formsets, change):
+        super().save_related(request, form, formsets, change)
+        for upload in form.cleaned_data.get("new_references") or []:
+            try:
+                added = reference_add(character=form.instance, upload=upload, created_by=request.user)
+            except AlkemyError as exc:
+                messages.error(request, f"{upload.name}: not added — {exc.message} ({exc.code})")
+                continue
+            messages.success(request, f"{upload.name}: reference added (face {added.reference.quality['face_px']} px).")
+            for warning in added.reference.warnings:
+                messages.warning(request, f"{upload.name}: {warning.replace('_', ' ')}")
+            for similar in added.similar_characters:
+                messages.warning(
+                    request,
+                    f"Possible duplicate: {similar.character.name} (similarity {similar.similarity:.3f}).",
+                )
+
+    def save_formset(self, request, form, formset, change):
+        if formset.model is ReferenceImage:
+            formset.save(commit=False)
+            for reference in formset.deleted_objects:
+                reference_delete(reference=reference)  # recomputes the identity, removes the file
+            return
+        super().save_formset(request, form, formset, change)
+
+    def delete_model(self, request, obj):
+        character_delete(character=obj)
+
+    def delete_queryset(self, request, queryset):
+        for character in queryset:
+            character_delete(character=character)
+
+    def get_urls(self):
+        return [
+            path(
+                "find-by-photo/",
+                self.admin_site.admin_view(self.find_by_photo),
+                name="characters_character_find_by_photo",
+            ),
+            path(
+                "references/<int:reference_id>/thumbnail.jpg",
+                self.admin_site.admin_view(self.reference_thumbnail_view),
+                name="characters_reference_thumbnail",
+            ),
+            *super().get_urls(),
+        ]
+
+    def reference_thumbnail_view(self, request, reference_id: int):
+        # The admin middleware's scope limits this to the user's tenants.
+        reference = ReferenceImage.objects.filter(pk=reference_id).first()
+        if reference is None:
+            raise Http404("No such reference photo.")
+        size = min(max(int(request.GET.get("size", 256) or 256), 32), 1024)
+        data = reference_thumbnail(reference, size=size, face_only=request.GET.get("face") == "1")
+        response = HttpResponse(data, content_type="image/jpeg")
+        response["Cache-Control"] = "private, max-age=300"
+        return response
+
+    def find_by_photo(self, request):
+        tenants = (
+            Tenant.objects.all()
+            if request.user.is_superuser
+            else Tenant.objects.filter(pk__in=list(_roles_by_tenant(request)))
+        )
+        form = FindByPhotoForm(request.POST or None, request.FILES or None, tenants=tenants)
+        result, error = None, None
+        if request.method == "POST" and form.is_valid():
+            try:
+                result = faces_search(
+                    tenant=form.cleaned_data["tenant"],
+                    upload=form.cleaned_data["image"],
+                    limit=form.cleaned_data["limit"],
+                )
+            except AlkemyError as exc:
+                error = f"{exc.message} ({exc.code})"
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Find character by photo",
+            "opts": self.model._meta,
+            "form": form,
+            "result": result,
+            "error": error,
+        }
+        return TemplateResponse(request, "admin/characters/character/find_by_photo.html", context)
+
+
+class FindByPhotoForm(forms.Form):
+    tenant = forms.ModelChoiceField(queryset=Tenant.objects.none())
+    image = forms.FileField(help_text="A photo with the face to look for")
+    limit = forms.IntegerField(min_value=1, max_value=50, initial=10)
+
+    def __init__(self, *args, tenants, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["tenant"].queryset = tenants
+        if tenants.count() == 1:
+            self.fields["tenant"].initial = tenants.first()

@@ -9,6 +9,8 @@ from characters.services import character_create
 
 pytestmark = pytest.mark.django_db
 
+EMPTY_CHARACTER_FORM = {"tags": "", "description": "", "references-TOTAL_FORMS": "0", "references-INITIAL_FORMS": "0"}
+
 
 @pytest.fixture
 def characters(studio_a, studio_b):
@@ -47,13 +49,13 @@ def test_staff_can_create_character_in_own_tenant_only(client, staff_of_a, chara
     client.force_login(staff_of_a)
     response = client.post(
         "/admin/characters/character/add/",
-        {"tenant": studio_b.tenant.pk, "name": "Sneaky", "slug": "sneaky", "tags": "", "description": ""},
+        {"tenant": studio_b.tenant.pk, "name": "Sneaky", "slug": "sneaky", **EMPTY_CHARACTER_FORM},
     )
     assert response.status_code == 200  # form redisplayed with an error
     assert not Character.objects.unscoped().filter(slug="sneaky").exists()
     response = client.post(
         "/admin/characters/character/add/",
-        {"tenant": studio_a.tenant.pk, "name": "Fine", "slug": "fine", "tags": "", "description": ""},
+        {"tenant": studio_a.tenant.pk, "name": "Fine", "slug": "fine", **EMPTY_CHARACTER_FORM},
     )
     assert response.status_code == 302
     assert Character.objects.unscoped().get(slug="fine").tenant == studio_a.tenant
@@ -84,3 +86,8 @@ def test_api_key_created_in_admin_shows_secret_once(client, studio_a):
     api = APIClient()
     api.credentials(HTTP_AUTHORIZATION=f"Api-Key {plaintext}")
     assert api.get("/api/v1/characters").status_code == 200
+
+
+def test_login_page_renders_for_anonymous_visitors(client):
+    assert client.get("/admin/login/").status_code == 200
+    assert client.get("/admin/").status_code == 302

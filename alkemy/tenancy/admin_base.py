@@ -13,6 +13,8 @@ from alkemy.tenancy.models import WRITE_ROLES, Membership, Tenant
 
 
 def _roles_by_tenant(request) -> dict[int, str]:
+    if not request.user.is_authenticated or not request.user.is_active:
+        return {}
     cache = getattr(request, "_alkemy_roles", None)
     if cache is None:
         cache = dict(Membership.objects.unscoped().filter(user=request.user).values_list("tenant_id", "role"))
