@@ -646,45 +646,63 @@ def measure_faiss(data: Dataset, scope: Scope, efs: list[int], n: int, threads: 
     return result
 
 
+def enrolment_photos() -> dict[str, np.ndarray]:
+    """~1-megapixel (1155x866) versions of skimage's astronaut photo (512x512).
+
+    `padded` keeps the face's proportions (scaled to 866x866, edges extended to 1155 wide) and is the
+    headline figure; `stretched` is a plain resize to 1155x866, which distorts the face by 4:3.
+    """
+    from PIL import Image
+    from skimage import data as skdata
+
+    astronaut = Image.fromarray(skdata.astronaut())
+    square = np.asarray(astronaut.resize((866, 866), Image.BICUBIC))
+    return {
+        "padded": np.ascontiguousarray(np.pad(square, ((0, 0), (144, 145), (0, 0)), mode="edge")),
+        "stretched": np.asarray(astronaut.resize((1155, 866), Image.BICUBIC)),
+    }
+
+
 def measure_enrolment(runs: int) -> dict:
     """Detect + embed one ~1-megapixel photo with the project's configured face embedder."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "alkemy.settings")
     import django
-    from PIL import Image
-    from skimage import data as skdata
 
     django.setup()
     from characters.faces import embedder_missing, get_embedder, resolve_embedder_name
 
     name = resolve_embedder_name()
     unavailable = {n: embedder_missing(n) for n in ("arcface_antelopev2", "arcface_buffalo_l") if embedder_missing(n)}
-    photo = np.asarray(Image.fromarray(skdata.astronaut()).resize((1155, 866), Image.BICUBIC))
     log(f"enrolment: loading embedder {name!r}")
     began = time.perf_counter()
     embedder = get_embedder()
-    load_s = time.perf_counter() - began
-    faces = embedder.analyze(photo)  # warm-up
-    times = []
-    for _ in range(runs):
-        began = time.perf_counter()
-        faces = embedder.analyze(photo)
-        times.append(time.perf_counter() - began)
-    mean = float(np.mean(times))
-    result = {
+    result: dict = {
         "embedder": name,
         "dims": embedder.info.dims,
-        "image": "skimage.data.astronaut() resized to 1155x866 (1.0 MP)",
-        "faces_found": len(faces),
-        "model_load_s": round(load_s, 2),
-        "runs": runs,
-        "mean_s": round(mean, 4),
-        "p50_s": round(float(np.median(times)), 4),
-        "max_s": round(float(np.max(times)), 4),
-        "goal_s": GOALS["enrol_s"],
-        "goal_met": mean <= GOALS["enrol_s"],
+        "model_load_s": round(time.perf_counter() - began, 2),
         "unavailable_embedders": unavailable,
+        "goal_s": GOALS["enrol_s"],
+        "photos": {},
     }
-    log(f"  enrolment: {result}")
+    for label, photo in enrolment_photos().items():
+        faces = embedder.analyze(photo)  # warm-up
+        times = []
+        for _ in range(runs):
+            began = time.perf_counter()
+            faces = embedder.analyze(photo)
+            times.append(time.perf_counter() - began)
+        mean = float(np.mean(times))
+        result["photos"][label] = {
+            "size": f"{photo.shape[1]}x{photo.shape[0]}",
+            "faces_found": len(faces),
+            "runs": runs,
+            "mean_s": round(mean, 4),
+            "p50_s": round(float(np.median(times)), 4),
+            "max_s": round(float(np.max(times)), 4),
+            # a photo where no face was found was never embedded: its time is not an enrolment
+            "goal_met": bool(faces) and mean <= GOALS["enrol_s"],
+        }
+        log(f"  enrolment {label}: {result['photos'][label]}")
     return result
 
 

@@ -1,0 +1,21 @@
+"""Generation methods, looked up by key. Adding a method is adding a module and one line here."""
+
+from __future__ import annotations
+
+import importlib
+
+from generation.methods.base import GenerationMethod
+
+#: method key → "module:Class"
+METHODS: dict[str, str] = {
+    "pulid_flux": "generation.methods.pulid_flux:PulidFluxMethod",
+    "instantid_sdxl": "generation.methods.instantid_sdxl:InstantIdSdxlMethod",
+}
+DEFAULT_METHOD = "pulid_flux"
+
+
+def method_class(key: str) -> type[GenerationMethod]:
+    if key not in METHODS:
+        raise KeyError(f"unknown generation method {key!r}; known: {', '.join(METHODS)}")
+    module_name, class_name = METHODS[key].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
