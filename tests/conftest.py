@@ -66,3 +66,13 @@ def media_root(settings, tmp_path):
 
 def stored_files(root) -> list:
     return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory):
+    """Every method's tiny models, built once per test run (`manage.py build_test_models`)."""
+    from generation.tiny.build import build_test_models
+
+    directory = tmp_path_factory.mktemp("models")
+    build_test_models(directory)
+    return directory

@@ -1,0 +1,62 @@
+"""Running a method for a character: the synchronous core the job system and `manage.py generate` share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from django.conf import settings
+from PIL import Image
+
+from alkemy.errors import AlkemyError
+from characters.faces import resolve_embedder_name
+from characters.models import Character
+from generation.identity import IdentityScore, score_images
+from generation.methods import method_class
+from generation.methods.base import GenerationMethod, GenerationRequest, LoadOptions, StepCallback
+from generation.references import character_identity, reference_faces
+
+
+@dataclass
+class GeneratedOutput:
+    image: Image.Image
+    seed: int
+    score: IdentityScore
+
+
+def load_method(method: str, *, models_dir: Path | None = None, options: LoadOptions | None = None) -> GenerationMethod:
+    try:
+        cls = method_class(method)
+    except KeyError as exc:
+        raise AlkemyError(str(exc.args[0]), code="unknown_method", field="method") from None
+    return cls.load(Path(models_dir or settings.ALKEMY_MODELS_DIR), options or LoadOptions.for_device())
+
+
+def generate_for_character(
+    *,
+    character: Character,
+    method: GenerationMethod,
+    request: GenerationRequest,
+    on_step: StepCallback | None = None,
+) -> list[GeneratedOutput]:
+    """Generate `request.num_images` images, one seed each (seed, seed+1, ...), each identity-scored.
+
+    Images are generated one at a time so that every output is reproducible from its own seed;
+    `on_step` sees the steps of all images as one sequence.
+    """
+    embedder = resolve_embedder_name()
+    faces = reference_faces(character=character, embedder=embedder)
+    identity = character_identity(character=character, embedder=embedder)
+    count = request.num_images
+    outputs: list[GeneratedOutput] = []
+    for index in range(count):
+        single = replace(request, references=faces, seed=request.seed + index, num_images=1)
+
+        def step_of_all(step: int, total: int, index: int = index) -> None:
+            if on_step is not None:
+                on_step(index * total + step, count * total)
+
+        image = method.generate(single, step_of_all)[0]
+        score = score_images([image], identity=identity, embedder=embedder)[0]
+        outputs.append(GeneratedOutput(image=image, seed=single.seed, score=score))
+    return outputs
