@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from generation.methods.base import GenerationMethod
+if TYPE_CHECKING:
+    from generation.methods.base import GenerationMethod
 
 #: method key → "module:Class"
 METHODS: dict[str, str] = {
@@ -12,6 +14,10 @@ METHODS: dict[str, str] = {
     "instantid_sdxl": "generation.methods.instantid_sdxl:InstantIdSdxlMethod",
 }
 DEFAULT_METHOD = "pulid_flux"
+
+#: default denoising steps per method, readable without importing torch/diffusers (the web process
+#: validates requests with it; each class's `default_steps` says the same)
+DEFAULT_STEPS: dict[str, int] = {"pulid_flux": 28, "instantid_sdxl": 30}
 
 
 def method_class(key: str) -> type[GenerationMethod]:

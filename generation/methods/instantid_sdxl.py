@@ -1,0 +1,329 @@
+"""InstantID on SDXL: identity from a face embedding, pose from five face keypoints.
+
+Three pieces on top of SDXL base (https://arxiv.org/abs/2401.07519):
+
+1. **ID tokens**: the face embedding goes through the IP-Adapter Resampler (16 tokens of the UNet's
+   cross-attention width).
+2. **Decoupled cross-attention**: every UNet cross-attention layer also attends to the ID tokens with
+   its own key/value projections, weighted by `ip_adapter_scale`.
+3. **IdentityNet**: a ControlNet whose condition image is the 5 keypoints drawn on black and whose
+   `encoder_hidden_states` are the ID tokens (not the text), weighted by `controlnet_conditioning_scale`.
+
+The denoising loop is written out here (rather than calling `StableDiffusionXLControlNetPipeline`) because
+the ControlNet and the UNet get different token sequences; every other step reuses the SDXL ControlNet
+pipeline's own helpers, so with both scales at 0 the result is plain SDXL.
+
+Request params:
+    ip_adapter_scale (float, 0.8), controlnet_conditioning_scale (float, 0.8),
+    pose_keypoints (5 [x, y] pairs in output pixels; default: the reference's keypoints, see below),
+    id_embedding_norm (float; default sqrt(embedding dims), see `id_embedding`).
+
+Several references: their unit embeddings are averaged and renormalised (one identity, less noise
+than any single photo); the keypoints come from the reference with the largest face (the most
+precise keypoints), the first one on a tie, placed into the output frame by `place_keypoints`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from generation.instantid.attention import set_ip_scale
+from generation.instantid.keypoints import draw_keypoints, place_keypoints
+from generation.instantid.weights import load_ip_adapter
+from generation.methods.base import (
+    GenerationFailed,
+    GenerationMethod,
+    GenerationRequest,
+    InvalidWeights,
+    LoadOptions,
+    ReferenceFace,
+    StepCallback,
+    generator_for,
+)
+from generation.model_registry import component_path, require
+
+DEFAULT_IP_ADAPTER_SCALE = 0.8
+DEFAULT_CONTROLNET_SCALE = 0.8
+
+
+def active_embedder() -> tuple[str, int | None]:
+    """Name and dimension of the configured face embedder, without loading it (None if none can load)."""
+    from characters.faces import EmbedderUnavailable, embedder_infos, resolve_embedder_name
+
+    try:
+        name = resolve_embedder_name()
+    except EmbedderUnavailable:
+        return "", None
+    return name, embedder_infos()[name].dims
+
+
+def id_embedding(references: list[ReferenceFace], dims: int, norm: float | None = None) -> np.ndarray:
+    """One identity vector from all references: the mean of their unit embeddings, rescaled to `norm`.
+
+    The Resampler was trained on insightface's raw ArcFace `embedding` (not the L2-normalised one), whose
+    components have a standard deviation of about 1, i.e. a length of about sqrt(dims) (~22.6 for 512).
+    We store unit vectors, so we give the direction back that typical length by default.
+    """
+    embedders = {ref.embedder for ref in references}
+    if len(embedders) > 1:
+        raise GenerationFailed(f"The references were analysed by different face embedders ({', '.join(embedders)}).")
+    vectors = np.stack([np.asarray(ref.embedding, dtype=np.float32).reshape(-1) for ref in references])
+    if vectors.shape[1] != dims:
+        raise GenerationFailed(
+            f"The references carry {vectors.shape[1]}-d '{references[0].embedder}' embeddings but the loaded "
+            f"InstantID Resampler takes {dims}-d ones; the weights were made for another face embedder.",
+            details={"embedding_dims": int(vectors.shape[1]), "resampler_dims": dims},
+        )
+    mean = vectors.mean(axis=0)
+    length = float(np.linalg.norm(mean))
+    if length < 1e-6:
+        raise GenerationFailed("The reference embeddings cancel out; the references are not one person.")
+    return mean / length * (math.sqrt(dims) if norm is None else float(norm))
+
+
+def keypoint_reference(references: list[ReferenceFace]) -> ReferenceFace:
+    """The reference whose keypoints set the pose: the largest face, the first one on a tie."""
+
+    def side(ref: ReferenceFace) -> float:
+        x1, y1, x2, y2 = ref.box
+        return min(x2 - x1, y2 - y1)
+
+    best = 0
+    for index, ref in enumerate(references):
+        if side(ref) > side(references[best]):
+            best = index
+    return references[best]
+
+
+class InstantIdSdxlMethod(GenerationMethod):
+    key = "instantid_sdxl"
+    label = "InstantID (SDXL)"
+    default_steps = 30
+    default_guidance = 5.0
+    needs_embedder = "arcface"
+
+    def __init__(self, pipeline, resampler, options: LoadOptions):
+        self.pipeline = pipeline  # StableDiffusionXLControlNetPipeline: its components and helpers
+        self.resampler = resampler
+        self.options = options
+
+    @classmethod
+    def load(cls, models_dir: Path, options: LoadOptions) -> InstantIdSdxlMethod:
+        """SDXL + IdentityNet + ip-adapter.bin from `models_dir`, placed as `options` says."""
+        from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+
+        require(models_dir, cls.key)
+        controlnet = ControlNetModel.from_pretrained(
+            component_path(models_dir, "instantid_controlnet"), dtype=options.dtype
+        )
+        pipeline = StableDiffusionXLControlNetPipeline.from_pretrained(
+            component_path(models_dir, "sdxl"), controlnet=controlnet, dtype=options.dtype, add_watermarker=False
+        )
+        pipeline.set_progress_bar_config(disable=True)
+
+        embedder_name, embedder_dims = active_embedder()
+        adapter_path = component_path(models_dir, "instantid_ip_adapter")
+        resampler = load_ip_adapter(
+            adapter_path,
+            pipeline.unet,
+            embedder_dims=embedder_dims,
+            embedder_name=embedder_name,
+            scale=DEFAULT_IP_ADAPTER_SCALE,
+        )
+        if controlnet.config.cross_attention_dim != resampler.output_dim:
+            raise InvalidWeights(
+                f"IdentityNet takes {controlnet.config.cross_attention_dim}-d tokens but {adapter_path} makes "
+                f"{resampler.output_dim}-d ID tokens; the ControlNet and the adapter are not from one release."
+            )
+        # The Resampler is small and runs once per image: it stays on the execution device, also under offload.
+        resampler.to(options.device, options.dtype)
+
+        if options.vae_tiling:
+            pipeline.vae.enable_tiling()
+        if options.compile_blocks:
+            _compile_transformer_blocks(pipeline.unet, pipeline.controlnet)
+        if options.cpu_offload:
+            pipeline.enable_model_cpu_offload(device=options.device)
+        else:
+            pipeline.to(options.device)
+        return cls(pipeline, resampler, options)
+
+    @torch.inference_mode()
+    def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> list[Image.Image]:
+        """`request.num_images` images of exactly width × height; `on_step(step, total)` after each step."""
+        if not request.references:
+            raise GenerationFailed("InstantID needs at least one reference face.")
+        params = request.params
+        steps = request.steps or self.default_steps
+        guidance = self.default_guidance if request.guidance is None else float(request.guidance)
+        ip_scale = float(params.get("ip_adapter_scale", DEFAULT_IP_ADAPTER_SCALE))
+        control_scale = float(params.get("controlnet_conditioning_scale", DEFAULT_CONTROLNET_SCALE))
+
+        # The VAE works in multiples of its scale factor: generate slightly larger, then centre-crop.
+        multiple = self.pipeline.vae_scale_factor
+        width, height = request.width, request.height
+        gen_width, gen_height = -(-width // multiple) * multiple, -(-height // multiple) * multiple
+        crop_left, crop_top = (gen_width - width) // 2, (gen_height - height) // 2
+
+        embedding = id_embedding(request.references, self.resampler.embedding_dim, params.get("id_embedding_norm"))
+        if params.get("pose_keypoints") is not None:
+            keypoints = np.asarray(params["pose_keypoints"], dtype=np.float64)
+            if keypoints.shape != (5, 2):
+                raise GenerationFailed("pose_keypoints must be 5 [x, y] pairs.", field="params")
+            keypoints = keypoints + (crop_left, crop_top)
+        else:
+            reference = keypoint_reference(request.references)
+            source_size = (reference.image.shape[1], reference.image.shape[0])
+            keypoints = place_keypoints(reference.keypoints, source_size, gen_width, gen_height)
+        control_image = draw_keypoints(keypoints, gen_width, gen_height)
+
+        images = self._denoise(
+            request, embedding, control_image, gen_width, gen_height, steps, guidance, ip_scale, control_scale, on_step
+        )
+        if (gen_width, gen_height) != (width, height):
+            images = [im.crop((crop_left, crop_top, crop_left + width, crop_top + height)) for im in images]
+        return images
+
+    def _denoise(
+        self,
+        request: GenerationRequest,
+        embedding: np.ndarray,
+        control_image: Image.Image,
+        width: int,
+        height: int,
+        steps: int,
+        guidance: float,
+        ip_scale: float,
+        control_scale: float,
+        on_step: StepCallback | None,
+    ) -> list[Image.Image]:
+        pipe = self.pipeline
+        device = pipe._execution_device
+        count = request.num_images
+        cfg = guidance > 1.0
+        generator = generator_for(request.seed, self.options.device)
+
+        prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=request.prompt,
+            device=device,
+            num_images_per_prompt=count,
+            do_classifier_free_guidance=cfg,
+            # None, not "": SDXL then uses zero embeddings for the negative branch, as it was trained.
+            negative_prompt=request.negative_prompt or None,
+        )
+        id_tokens = self._id_tokens(embedding, device, count, cfg)
+        control = pipe.prepare_image(
+            image=control_image,
+            width=width,
+            height=height,
+            batch_size=count,
+            num_images_per_prompt=count,
+            device=device,
+            dtype=pipe.controlnet.dtype,
+            do_classifier_free_guidance=cfg,
+        )
+
+        pipe.scheduler.set_timesteps(steps, device=device)
+        timesteps = pipe.scheduler.timesteps
+        latents = pipe.prepare_latents(
+            count, pipe.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator
+        )
+        step_kwargs = pipe.prepare_extra_step_kwargs(generator, 0.0)
+
+        projection_dim = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 else pooled.shape[-1]
+        time_ids = pipe._get_add_time_ids(
+            (height, width),
+            (0, 0),
+            (height, width),
+            dtype=prompt_embeds.dtype,
+            text_encoder_projection_dim=projection_dim,
+        )
+        if cfg:
+            prompt_embeds = torch.cat([negative_embeds, prompt_embeds])
+            pooled = torch.cat([negative_pooled, pooled])
+            time_ids = torch.cat([time_ids, time_ids])
+        added_cond = {"text_embeds": pooled.to(device), "time_ids": time_ids.to(device).repeat(count, 1)}
+        # The UNet sees text then ID tokens (its IP processors split them); IdentityNet sees the ID tokens only.
+        unet_tokens = torch.cat([prompt_embeds.to(device), id_tokens], dim=1)
+
+        set_ip_scale(pipe.unet, ip_scale)
+        for index, t in enumerate(timesteps):
+            model_input = torch.cat([latents] * 2) if cfg else latents
+            model_input = pipe.scheduler.scale_model_input(model_input, t)
+            down_residuals = mid_residual = None
+            if control_scale != 0:  # at 0 the residuals would be zeros: skip the ControlNet's forward
+                down_residuals, mid_residual = pipe.controlnet(
+                    model_input,
+                    t,
+                    encoder_hidden_states=id_tokens,
+                    controlnet_cond=control,
+                    conditioning_scale=control_scale,
+                    added_cond_kwargs=added_cond,
+                    return_dict=False,
+                )
+            noise = pipe.unet(
+                model_input,
+                t,
+                encoder_hidden_states=unet_tokens,
+                added_cond_kwargs=added_cond,
+                down_block_additional_residuals=down_residuals,
+                mid_block_additional_residual=mid_residual,
+                return_dict=False,
+            )[0]
+            if cfg:
+                uncond, cond = noise.chunk(2)
+                noise = uncond + guidance * (cond - uncond)
+            latents = pipe.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+            if on_step is not None:
+                on_step(index + 1, len(timesteps))
+
+        images = self._decode(latents)
+        pipe.maybe_free_model_hooks()
+        return images
+
+    def _id_tokens(self, embedding: np.ndarray, device, count: int, cfg: bool) -> torch.Tensor:
+        """(batch, num_queries, dim) ID tokens; the negative branch gets the tokens of a zero embedding."""
+        param = next(self.resampler.parameters())
+        vector = torch.from_numpy(np.asarray(embedding, dtype=np.float32)).to(param.device, param.dtype)
+        vector = vector.view(1, 1, -1)
+        if cfg:
+            vector = torch.cat([torch.zeros_like(vector), vector])
+        tokens = self.resampler(vector).to(device)
+        # [negative, positive] → [negative × count, positive × count], the order of the text embeddings
+        return tokens.repeat_interleave(count, dim=0)
+
+    def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        pipe = self.pipeline
+        vae = pipe.vae
+        # SDXL's VAE overflows in fp16; its config asks for fp32 decoding.
+        upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+        if upcast:
+            vae.to(torch.float32)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        if upcast:
+            vae.to(torch.float16)
+        return pipe.image_processor.postprocess(decoded, output_type="pil")
+
+
+def _compile_transformer_blocks(*models) -> None:
+    """torch.compile each repeated transformer block in place: most of the FLOPs, short compile, no graph breaks
+    from the UNet's Python control flow. The ID scale is a Python float on the processors, so changing it
+    recompiles once per new value."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, BasicTransformerBlock):
+                module.compile()
