@@ -1,4 +1,3 @@
-from django.conf import settings
 from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
@@ -14,6 +13,8 @@ api_v1 = [
     path("schema", SpectacularAPIView.as_view(), name="schema"),
     path("docs", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("", include("characters.urls")),
+    path("", include("generation.urls")),
+    path("", include("alkemy.webhooks.urls")),
 ]
 
 urlpatterns = [
@@ -21,10 +22,6 @@ urlpatterns = [
     path("api/v1/", include(api_v1)),
 ]
 
-if settings.DEBUG:
-    from django.conf.urls.static import static
-
-    urlpatterns += static(settings.MEDIA_URL, document_root=settings.MEDIA_ROOT)
-
+# Media files are never served by URL alone: every download goes through a view that checks the tenant.
 handler404 = "alkemy.api.errors.handler404"
 handler500 = "alkemy.api.errors.handler500"

@@ -1,0 +1,72 @@
+from django import forms
+from django.contrib import admin
+
+from alkemy.tenancy.admin_base import TenantScopedAdmin
+from alkemy.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+
+
+class WebhookEndpointForm(forms.ModelForm):
+    url = forms.URLField(max_length=500, assume_scheme="https")
+
+    class Meta:
+        model = WebhookEndpoint
+        fields = ["tenant", "url", "events", "is_active"]
+
+    def clean_url(self):
+        from alkemy.webhooks.services import UnsafeWebhookUrl, check_url
+
+        url = self.cleaned_data["url"]
+        try:
+            check_url(url)
+        except UnsafeWebhookUrl as exc:
+            raise forms.ValidationError(exc.message) from None
+        return url
+
+
+@admin.register(WebhookEndpoint)
+class WebhookEndpointAdmin(TenantScopedAdmin):
+    form = WebhookEndpointForm
+    list_display = ["url", "tenant", "events", "is_active", "created_at"]
+    list_filter = ["tenant", "is_active"]
+    readonly_fields = ["secret", "created_at"]
+
+    def save_model(self, request, obj, form, change):
+        import secrets
+
+        if not obj.secret:
+            obj.secret = "whsec_" + secrets.token_urlsafe(32)
+        super().save_model(request, obj, form, change)
+
+
+class WebhookAttemptInline(admin.TabularInline):
+    model = WebhookAttempt
+    extra = 0
+    can_delete = False
+    fields = ["number", "status_code", "error", "duration_ms", "created_at"]
+    readonly_fields = fields
+
+    def get_queryset(self, request):
+        return WebhookAttempt.objects.unscoped()
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(TenantScopedAdmin):
+    list_display = [
+        "event",
+        "endpoint",
+        "tenant",
+        "status",
+        "attempts",
+        "last_status_code",
+        "next_attempt_at",
+        "created_at",
+    ]
+    list_filter = ["status", "event", "tenant"]
+    readonly_fields = [f.name for f in WebhookDelivery._meta.fields]
+    inlines = [WebhookAttemptInline]
+
+    def has_add_permission(self, request):
+        return False

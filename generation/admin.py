@@ -1,0 +1,62 @@
+from django.contrib import admin, messages
+from django.http import FileResponse, Http404
+from django.urls import path, reverse
+from django.utils.html import format_html
+
+from alkemy.tenancy.admin_base import TenantScopedAdmin
+from generation.jobs import generation_cancel
+from generation.models import GeneratedImage, GenerationJob
+
+
+class GeneratedImageInline(admin.TabularInline):
+    model = GeneratedImage
+    extra = 0
+    can_delete = False
+    fields = ["preview", "seed", "width", "height", "identity_similarity", "identity_reason"]
+    readonly_fields = fields
+
+    def get_queryset(self, request):
+        return GeneratedImage.objects.unscoped()
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="Image")
+    def preview(self, obj):
+        url = reverse("admin:generation_output_image", args=[obj.pk])
+        return format_html('<a href="{0}"><img src="{0}" alt="" style="max-height:160px"></a>', url)
+
+
+@admin.register(GenerationJob)
+class GenerationJobAdmin(TenantScopedAdmin):
+    list_display = ["id", "character", "method", "status", "progress_percent", "attempt", "tenant", "queued_at",
+                    "device_seconds"]  # fmt: skip
+    list_filter = ["status", "method", "tenant"]
+    search_fields = ["prompt", "character__name"]
+    readonly_fields = [f.name for f in GenerationJob._meta.fields] + ["queue_wait_seconds", "run_seconds"]
+    inlines = [GeneratedImageInline]
+    actions = ["cancel"]
+
+    def has_add_permission(self, request):
+        return False  # submitted through the API, which validates and enqueues
+
+    @admin.display(description="Progress")
+    def progress_percent(self, obj):
+        return f"{obj.progress * 100:.0f}%"
+
+    @admin.action(description="Cancel selected jobs", permissions=["change"])
+    def cancel(self, request, queryset):
+        for job in queryset:
+            generation_cancel(job=job)
+        messages.info(request, f"Cancel requested for {queryset.count()} job(s).")
+
+    def get_urls(self):
+        view = self.admin_site.admin_view(self.output_image)
+        return [path("outputs/<int:output_id>/image.png", view, name="generation_output_image"), *super().get_urls()]
+
+    def output_image(self, request, output_id: int):
+        # The admin middleware's scope limits this to the user's tenants.
+        output = GeneratedImage.objects.filter(pk=output_id).first()
+        if output is None:
+            raise Http404("No such output.")
+        return FileResponse(output.file.open("rb"), content_type="image/png")

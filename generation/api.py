@@ -1,0 +1,78 @@
+"""Generation endpoints: submit (202), list, read, cancel, download outputs."""
+
+from django.http import FileResponse
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import mixins
+from rest_framework.decorators import action
+from rest_framework.response import Response
+
+from alkemy.api.base import TenantViewSet
+from alkemy.errors import NotFound
+from alkemy.tenancy.authentication import ApiKeyPrincipal
+from characters.selectors import character_get
+from generation import jobs
+from generation.models import GeneratedImage, GenerationJob
+from generation.serializers import GenerationCreateSerializer, GenerationJobSerializer
+
+IDEMPOTENCY_PARAMETER = OpenApiParameter(
+    "Idempotency-Key",
+    str,
+    OpenApiParameter.HEADER,
+    required=False,
+    description="A retry with the same key and body returns the same job; a different body answers 409.",
+)
+
+
+class GenerationViewSet(TenantViewSet, mixins.ListModelMixin, mixins.RetrieveModelMixin):
+    """Generation jobs of the tenant. Filter with `?character=`, `?status=`, `?method=`."""
+
+    serializer_class = GenerationJobSerializer
+    filterset_fields = ["character", "status", "method"]
+    ordering_fields = ["queued_at", "finished_at"]
+    ordering = ["-queued_at"]
+
+    def get_queryset(self):
+        return GenerationJob.objects.filter(tenant=self.tenant).prefetch_related("outputs")
+
+    def get_object(self):
+        try:
+            return self.get_queryset().get(pk=int(self.kwargs["pk"]))
+        except (GenerationJob.DoesNotExist, ValueError):
+            raise NotFound("No such generation.", code="generation_not_found") from None
+
+    @extend_schema(
+        summary="Render a character in a new scene",
+        request=GenerationCreateSerializer,
+        responses={202: GenerationJobSerializer},
+        parameters=[IDEMPOTENCY_PARAMETER],
+    )
+    def create(self, request):
+        form = GenerationCreateSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        data = dict(form.validated_data)
+        character = character_get(tenant=self.tenant, character_id=data.pop("character"))
+        principal = request.user
+        job, _ = jobs.generation_submit(
+            tenant=self.tenant,
+            character=character,
+            idempotency_key=request.headers.get("Idempotency-Key") or None,
+            requested_by=None if isinstance(principal, ApiKeyPrincipal) else principal,
+            requested_by_api_key=principal.api_key if isinstance(principal, ApiKeyPrincipal) else None,
+            **data,
+        )
+        return Response(self.get_serializer(job).data, status=202)
+
+    @extend_schema(summary="Cancel queued or running work", request=None, responses=GenerationJobSerializer)
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        job = jobs.generation_cancel(job=self.get_object())
+        return Response(self.get_serializer(job).data)
+
+    @extend_schema(summary="Download an output image", responses={(200, "image/png"): bytes})
+    @action(detail=True, methods=["get"], url_path=r"outputs/(?P<output_id>\d+)/image")
+    def output_image(self, request, pk=None, output_id=None):
+        job = self.get_object()
+        output = GeneratedImage.objects.filter(tenant=self.tenant, job=job, pk=output_id).first()
+        if output is None:
+            raise NotFound("No such output.", code="output_not_found")
+        return FileResponse(output.file.open("rb"), content_type="image/png")

@@ -1,0 +1,180 @@
+"""Submitting, cancelling and describing generation jobs (the API and admin call these)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+
+from alkemy.errors import AlkemyError, Conflict, NotFound
+from alkemy.jobs import JobStatus, job_request_cancel
+from alkemy.tenancy.models import Tenant
+from characters.faces import resolve_embedder_name
+from characters.models import Character, CharacterIdentity
+from generation.methods import DEFAULT_METHOD, DEFAULT_STEPS, METHODS
+from generation.models import GenerationJob
+
+GPU_CLUSTER = "gpu"
+
+
+def _invalid(message: str, field: str, code: str = "invalid_parameter") -> AlkemyError:
+    return AlkemyError(message, code=code, field=field)
+
+
+def request_hash(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def generation_submit(
+    *,
+    tenant: Tenant,
+    character: Character,
+    prompt: str,
+    method: str = DEFAULT_METHOD,
+    negative_prompt: str = "",
+    width: int = 1024,
+    height: int = 1024,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int | None = None,
+    num_images: int = 1,
+    params: dict | None = None,
+    idempotency_key: str | None = None,
+    requested_by=None,
+    requested_by_api_key=None,
+) -> tuple[GenerationJob, bool]:
+    """Validate everything up front, store the job, enqueue it after commit. Returns (job, created).
+
+    With an idempotency key, a retry with the same body returns the first job (created=False);
+    the same key with a different body is a 409.
+    """
+    import secrets
+
+    # What the client sent, before defaults are filled in: a retry sends the same body.
+    fingerprint = request_hash(
+        {"character": character.pk, "method": method, "prompt": prompt, "negative_prompt": negative_prompt,
+         "width": width, "height": height, "steps": steps, "guidance": guidance, "seed": seed,
+         "num_images": num_images, "params": params or {}}
+    )  # fmt: skip
+    if character.tenant_id != tenant.pk:
+        raise NotFound("No such character.", code="character_not_found")
+    if method not in METHODS:
+        raise _invalid(f"Unknown method '{method}'; known: {', '.join(METHODS)}.", "method", "unknown_method")
+    if not prompt or not prompt.strip():
+        raise _invalid("A prompt is required.", "prompt")
+    limit = settings.ALKEMY_MAX_IMAGE_SIDE
+    for name, value in (("width", width), ("height", height)):
+        if not 64 <= value <= limit or value % 16:
+            raise _invalid(f"{name} must be a multiple of 16 between 64 and {limit}.", name)
+    steps = DEFAULT_STEPS[method] if steps is None else steps
+    if not 1 <= steps <= settings.ALKEMY_MAX_STEPS:
+        raise _invalid(f"steps must be between 1 and {settings.ALKEMY_MAX_STEPS}.", "steps")
+    if not 1 <= num_images <= settings.ALKEMY_MAX_NUM_IMAGES:
+        raise _invalid(f"num_images must be between 1 and {settings.ALKEMY_MAX_NUM_IMAGES}.", "num_images")
+    if guidance is not None and not 0 <= guidance <= 30:
+        raise _invalid("guidance must be between 0 and 30.", "guidance")
+    params = dict(params or {})
+    embedder = resolve_embedder_name()
+    if not CharacterIdentity.objects.unscoped().filter(character=character, embedder=embedder).exists():
+        raise AlkemyError(
+            f"Character '{character.name}' has no reference photo analysed by the '{embedder}' embedder yet.",
+            code="no_identity",
+            field="character",
+            status_code=422,
+        )
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+
+    if idempotency_key:
+        existing = _idempotent_match(tenant, idempotency_key, fingerprint)
+        if existing:
+            return existing, False
+    try:
+        with transaction.atomic():
+            job = GenerationJob.objects.unscoped().create(
+                tenant=tenant,
+                character=character,
+                embedder=embedder,
+                method=method,
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                width=width,
+                height=height,
+                steps=steps,
+                guidance=guidance,
+                seed=seed,
+                num_images=num_images,
+                params=params,
+                total_steps=steps * num_images,
+                idempotency_key=idempotency_key or None,
+                request_hash=fingerprint,
+                requested_by=requested_by if getattr(requested_by, "pk", None) else None,
+                requested_by_api_key=requested_by_api_key,
+            )
+            notify(job, JobStatus.QUEUED)
+            transaction.on_commit(lambda: enqueue(job.pk))
+    except IntegrityError:
+        # A concurrent request with the same idempotency key won the race.
+        existing = _idempotent_match(tenant, idempotency_key, fingerprint)
+        if existing is None:
+            raise
+        return existing, False
+    return job, True
+
+
+def _idempotent_match(tenant: Tenant, key: str, fingerprint: str) -> GenerationJob | None:
+    job = GenerationJob.objects.unscoped().filter(tenant=tenant, idempotency_key=key).first()
+    if job is not None and job.request_hash != fingerprint:
+        raise Conflict(
+            "This Idempotency-Key was already used with a different request body.",
+            code="idempotency_key_reused",
+            details={"job": job.pk},
+        )
+    return job
+
+
+def enqueue(job_id: int) -> None:
+    """Hand the job to the GPU cluster. Safe to call more than once: the claim is conditional."""
+    from django_q.tasks import async_task
+
+    async_task("generation.tasks.run_generation_job", job_id, cluster=GPU_CLUSTER, task_name=f"generation-{job_id}")
+
+
+def generation_cancel(*, job: GenerationJob) -> GenerationJob:
+    status = job_request_cancel(GenerationJob, job.pk)
+    job.refresh_from_db()
+    if status == JobStatus.CANCELED and job.error_code == "canceled" and job.started_at is None:
+        notify(job, JobStatus.CANCELED)
+    return job
+
+
+def job_payload(job: GenerationJob) -> dict:
+    """The job as webhooks send it (the API serializer renders the same fields)."""
+    return {
+        "id": job.pk,
+        "object": "generation",
+        "status": job.status,
+        "character": job.character_id,
+        "method": job.method,
+        "progress": round(job.progress, 4),
+        "attempt": job.attempt,
+        "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
+        "outputs": [
+            {"id": o.pk, "seed": o.seed, "width": o.width, "height": o.height,
+             "identity_similarity": o.identity_similarity, "identity_reason": o.identity_reason or None}
+            for o in job.outputs.model.objects.unscoped().filter(job=job)
+        ],
+        "queued_at": job.queued_at.isoformat() if job.queued_at else None,
+        "started_at": job.started_at.isoformat() if job.started_at else None,
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+    }  # fmt: skip
+
+
+def notify(job: GenerationJob, status: str) -> None:
+    """Emit the webhook event of a state change (deliveries are sent after commit)."""
+    from alkemy.webhooks.services import emit
+
+    job.refresh_from_db()
+    emit(tenant_id=job.tenant_id, event=f"generation.{status}", payload=job_payload(job))

@@ -1,0 +1,60 @@
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from generation.methods import DEFAULT_METHOD, METHODS
+from generation.models import GeneratedImage, GenerationJob
+
+
+class GenerationCreateSerializer(serializers.Serializer):
+    character = serializers.IntegerField()
+    method = serializers.ChoiceField(choices=list(METHODS), default=DEFAULT_METHOD)
+    prompt = serializers.CharField(max_length=4000)
+    negative_prompt = serializers.CharField(max_length=4000, required=False, allow_blank=True, default="")
+    width = serializers.IntegerField(required=False, default=1024)
+    height = serializers.IntegerField(required=False, default=1024)
+    steps = serializers.IntegerField(required=False, allow_null=True, default=None)
+    guidance = serializers.FloatField(required=False, allow_null=True, default=None)
+    seed = serializers.IntegerField(required=False, allow_null=True, default=None, min_value=0, max_value=2**63 - 1)
+    num_images = serializers.IntegerField(required=False, default=1)
+    params = serializers.DictField(required=False, default=dict, help_text="Method parameters, e.g. id_weight")
+
+
+class GeneratedImageSerializer(serializers.ModelSerializer):
+    url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = GeneratedImage
+        fields = ["id", "index", "url", "seed", "width", "height", "identity_similarity", "identity_reason", "face_box"]
+        read_only_fields = fields
+
+    @extend_schema_field(serializers.CharField())
+    def get_url(self, obj) -> str:
+        path = f"/api/v1/generations/{obj.job_id}/outputs/{obj.pk}/image"
+        request = self.context.get("request")
+        return request.build_absolute_uri(path) if request else path
+
+
+class ErrorSerializer(serializers.Serializer):
+    code = serializers.CharField()
+    message = serializers.CharField()
+
+
+class GenerationJobSerializer(serializers.ModelSerializer):
+    outputs = GeneratedImageSerializer(many=True, read_only=True)
+    error = serializers.SerializerMethodField()
+    queue_wait_seconds = serializers.FloatField(read_only=True)
+    run_seconds = serializers.FloatField(read_only=True)
+
+    class Meta:
+        model = GenerationJob
+        fields = [
+            "id", "status", "character", "method", "embedder", "prompt", "negative_prompt", "width", "height",
+            "steps", "guidance", "seed", "num_images", "params", "progress", "current_step", "total_steps",
+            "attempt", "cancel_requested", "error", "outputs", "device", "device_seconds", "queued_at",
+            "started_at", "finished_at", "queue_wait_seconds", "run_seconds",
+        ]  # fmt: skip
+        read_only_fields = fields
+
+    @extend_schema_field(ErrorSerializer(allow_null=True))
+    def get_error(self, obj):
+        return {"code": obj.error_code, "message": obj.error_message} if obj.error_code else None

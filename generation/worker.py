@@ -1,0 +1,301 @@
+"""The GPU worker runtime: what runs inside a `Q_CLUSTER_NAME=gpu` worker process for one job.
+
+- Methods load lazily here, in the worker process, never in the qcluster parent that forks
+  workers (CUDA does not survive a fork). Loaded methods stay warm between jobs in a cache
+  bounded by a memory budget, least recently used evicted first.
+- The job row is claimed with a conditional UPDATE, so a duplicate delivery does nothing.
+- Each denoising step: cancellation is checked (a canceled job stops within one step and keeps
+  no outputs), the per-method timeout is enforced, and at most once a second the progress is
+  written together with the lease heartbeat.
+- CUDA out-of-memory fails the job `gpu_out_of_memory`; the worker frees memory and keeps serving.
+- Outputs are stored and the job finished in one transaction, conditional on this worker still
+  holding the job: if the reaper gave it to another worker meanwhile, ours are discarded, so a
+  job never completes twice.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
+from django.db import transaction
+
+from alkemy.errors import AlkemyError
+from alkemy.jobs import JobStatus, job_claim, job_finish, job_heartbeat, worker_id
+from alkemy.tenancy.scoping import tenant_scope
+from generation.methods.base import GenerationMethod, GenerationRequest, LoadOptions
+from generation.models import GeneratedImage, GenerationJob
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_SECONDS = 1.0
+
+
+class JobCanceled(Exception):
+    pass
+
+
+class JobLost(Exception):
+    """The lease was taken away (the reaper re-queued the job): stop, keep nothing."""
+
+
+class JobTimedOut(Exception):
+    pass
+
+
+# --- warm pipelines ------------------------------------------------------------------------------
+
+
+def module_bytes(method: GenerationMethod) -> int:
+    """Parameter + buffer bytes of every torch module a loaded method holds (pipelines included)."""
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+
+    def add(module: torch.nn.Module) -> None:
+        nonlocal total
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor.numel() * tensor.element_size()
+
+    for value in vars(method).values():
+        if isinstance(value, torch.nn.Module):
+            add(value)
+        components = getattr(value, "components", None)
+        if isinstance(components, dict):
+            for component in components.values():
+                if isinstance(component, torch.nn.Module):
+                    add(component)
+    return total
+
+
+def device_budget_bytes(device: str) -> int:
+    import torch
+
+    if settings.ALKEMY_GPU_MEMORY_BUDGET_GB > 0:
+        return int(settings.ALKEMY_GPU_MEMORY_BUDGET_GB * 2**30)
+    if device.startswith("cuda"):
+        return int(torch.cuda.get_device_properties(0).total_memory * 0.9)
+    return 16 * 2**30
+
+
+class PipelineCache:
+    """Loaded methods by key, evicting the least recently used beyond the memory budget."""
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[str, tuple[GenerationMethod, int]] = OrderedDict()
+        self.loads = 0
+
+    def get(self, method_key: str) -> GenerationMethod:
+        from generation.services import load_method
+
+        key = f"{method_key}@{settings.ALKEMY_MODELS_DIR}"
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key][0]
+        options = LoadOptions.for_device()
+        budget = device_budget_bytes(options.device)
+        method = load_method(method_key, options=options)
+        self.loads += 1
+        size = module_bytes(method)
+        self._entries[key] = (method, size)
+        while len(self._entries) > 1 and sum(s for _, s in self._entries.values()) > budget:
+            evicted, _ = self._entries.popitem(last=False)
+            logger.info("evicted %s from the pipeline cache (budget %.1f GiB)", evicted, budget / 2**30)
+            self.free()
+        return method
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.free()
+
+    @staticmethod
+    def free() -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __contains__(self, method_key: str) -> bool:
+        return f"{method_key}@{settings.ALKEMY_MODELS_DIR}" in self._entries
+
+
+_cache: PipelineCache | None = None
+
+
+def pipeline_cache() -> PipelineCache:
+    global _cache
+    if _cache is None:
+        _cache = PipelineCache()
+    return _cache
+
+
+# --- one job ----------------------------------------------------------------------------------
+
+
+@dataclass
+class StepGuard:
+    """on_step callback: cancellation, timeout, progress + heartbeat at most once a second."""
+
+    job_id: int
+    worker: str
+    timeout_seconds: float
+    started: float
+    last_write: float = 0.0
+
+    def __call__(self, step: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.started > self.timeout_seconds:
+            raise JobTimedOut()
+        write_progress = now - self.last_write >= PROGRESS_INTERVAL_SECONDS or step == total
+        progress = min(step / total, 1.0) if total else 0.0
+        if write_progress:
+            self.last_write = now
+            mine, cancel = job_heartbeat(GenerationJob, self.job_id, worker=self.worker, progress=progress,
+                                         step=step, total=total)  # fmt: skip
+        else:
+            mine, cancel = self._cheap_check()
+        if not mine:
+            raise JobLost()
+        if cancel:
+            raise JobCanceled()
+
+    def _cheap_check(self) -> tuple[bool, bool]:
+        row = (
+            GenerationJob.objects.unscoped()
+            .filter(pk=self.job_id)
+            .values_list("status", "worker", "cancel_requested")
+            .first()
+        )
+        if row is None:
+            return False, False
+        status, worker, cancel = row
+        return status == JobStatus.RUNNING and worker == self.worker, cancel
+
+
+def run_job(job_id: int) -> str:
+    """Claim and run one generation job. Returns the final status, or 'skipped' if not claimed."""
+    me = worker_id()
+    if not job_claim(GenerationJob, job_id, worker=me):
+        logger.info("job %s not claimed (already taken, finished or canceled)", job_id)
+        return "skipped"
+    job = GenerationJob.objects.unscoped().select_related("character").get(pk=job_id)
+    with tenant_scope(job.tenant_id):
+        _notify(job, JobStatus.RUNNING)
+        return _run_claimed(job, me)
+
+
+def _run_claimed(job: GenerationJob, me: str) -> str:
+    import torch
+
+    from generation.services import generate_for_character
+
+    started = time.monotonic()
+    guard = StepGuard(job.pk, me, settings.ALKEMY_METHOD_TIMEOUT_SECONDS, started)
+    device_seconds = 0.0
+    try:
+        method = pipeline_cache().get(job.method)
+        request = GenerationRequest(
+            references=[], prompt=job.prompt, negative_prompt=job.negative_prompt, width=job.width,
+            height=job.height, steps=job.steps, guidance=job.guidance, seed=job.seed,
+            num_images=job.num_images, params=job.params,
+        )  # fmt: skip
+        device_started = time.monotonic()
+        outputs = generate_for_character(character=job.character, method=method, request=request, on_step=guard)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        device_seconds = time.monotonic() - device_started
+    except JobCanceled:
+        return _finish(job, me, JobStatus.CANCELED, "canceled", "Canceled while running.", device_seconds)
+    except JobLost:
+        logger.warning("job %s: lease lost to another worker; dropping this run", job.pk)
+        return "lost"
+    except JobTimedOut:
+        return _finish(
+            job,
+            me,
+            JobStatus.FAILED,
+            "timeout",
+            f"The method ran longer than {settings.ALKEMY_METHOD_TIMEOUT_SECONDS}s.",
+            device_seconds,
+        )
+    except torch.cuda.OutOfMemoryError as exc:
+        pipeline_cache().clear()
+        return _finish(job, me, JobStatus.FAILED, "gpu_out_of_memory", str(exc)[:1000], device_seconds)
+    except AlkemyError as exc:
+        return _finish(job, me, JobStatus.FAILED, exc.code, exc.message, device_seconds)
+    except Exception as exc:  # a bug in a method must fail the job, not kill the worker
+        logger.exception("job %s failed", job.pk)
+        return _finish(job, me, JobStatus.FAILED, "internal_error", f"{type(exc).__name__}: {exc}", device_seconds)
+    return _store_outputs(job, me, outputs, device_seconds)
+
+
+def _device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(0)}"
+    return "cpu"
+
+
+def _store_outputs(job: GenerationJob, me: str, outputs, device_seconds: float) -> str:
+    stored: list[str] = []
+    try:
+        for index, output in enumerate(outputs):
+            buffer = io.BytesIO()
+            output.image.save(buffer, "PNG")
+            name = f"tenants/{job.tenant_id}/generations/{job.pk}/{index}-seed{output.seed}-{me.replace(':', '-')}.png"
+            stored.append(default_storage.save(name, ContentFile(buffer.getvalue())))
+        with transaction.atomic():
+            finished = job_finish(GenerationJob, job.pk, worker=me, status=JobStatus.SUCCEEDED,
+                                  device=_device_name(), device_seconds=round(device_seconds, 3))  # fmt: skip
+            if not finished:
+                raise JobLost()
+            GeneratedImage.objects.unscoped().bulk_create(
+                [
+                    GeneratedImage(
+                        tenant_id=job.tenant_id, job=job, index=index, file=name, seed=output.seed,
+                        width=output.image.width, height=output.image.height,
+                        identity_similarity=output.score.similarity, identity_reason=output.score.reason or "",
+                        face_box=list(output.score.face_box) if output.score.face_box else None,
+                    )
+                    for index, (output, name) in enumerate(zip(outputs, stored, strict=True))
+                ]
+            )  # fmt: skip
+            _notify(job, JobStatus.SUCCEEDED)
+    except JobLost:
+        for name in stored:
+            default_storage.delete(name)
+        logger.warning("job %s finished elsewhere; discarded this worker's outputs", job.pk)
+        return "lost"
+    except BaseException:
+        for name in stored:
+            default_storage.delete(name)
+        raise
+    return JobStatus.SUCCEEDED
+
+
+def _finish(job: GenerationJob, me: str, status: str, code: str, message: str, device_seconds: float) -> str:
+    with transaction.atomic():
+        if job_finish(GenerationJob, job.pk, worker=me, status=status, error_code=code, error_message=message,
+                      device=_device_name(), device_seconds=round(device_seconds, 3)):  # fmt: skip
+            _notify(job, status)
+            return status
+    return "lost"
+
+
+def _notify(job: GenerationJob, status: str) -> None:
+    from generation.jobs import notify
+
+    notify(job, status)
