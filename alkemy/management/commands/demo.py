@@ -1,7 +1,18 @@
 """`make demo`: database, migrations, a demo tenant with an API key and an admin user, sample
-characters and a search by photo, then serve."""
+characters and a search by photo; then the web server and both worker clusters, and one
+generation with tiny models through the API."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import numpy as np
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand
@@ -54,7 +65,107 @@ class Command(BaseCommand):
             )
         )
         if not no_serve:
-            call_command("runserver", addr, use_reloader=False)
+            self.serve(addr, plaintext)
+
+    def ensure_models(self) -> None:
+        """Use $ALKEMY_MODELS_DIR when a method is ready there, else tiny models (built once)."""
+        from generation.methods import METHODS
+        from generation.model_registry import missing_files
+
+        if any(not missing_files(settings.ALKEMY_MODELS_DIR, method) for method in METHODS):
+            self.stdout.write(f"Model weights: {settings.ALKEMY_MODELS_DIR}")
+            return
+        tiny = Path(settings.ALKEMY_DATA_DIR) / "tiny-models"
+        if any(missing_files(tiny, method) for method in METHODS):
+            self.stdout.write(f"No real weights in {settings.ALKEMY_MODELS_DIR}; building tiny test models in {tiny}")
+            with open(os.devnull, "w") as quiet:
+                call_command("build_test_models", str(tiny), stdout=quiet)
+        else:
+            self.stdout.write(f"No real weights in {settings.ALKEMY_MODELS_DIR}; using the tiny test models in {tiny}")
+        os.environ["ALKEMY_MODELS_DIR"] = str(tiny)  # inherited by the worker processes
+        settings.ALKEMY_MODELS_DIR = tiny
+
+    def serve(self, addr: str, api_key: str) -> None:
+        """Web server + default and gpu clusters as child processes; one generation; then wait."""
+        self.ensure_models()
+        # SIGTERM ends the demo like Ctrl-C: children stopped, the embedded database shut down cleanly.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        manage = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py")]
+        children = {
+            "web": subprocess.Popen([*manage, "runserver", addr, "--noreload"]),
+            "cpu cluster": subprocess.Popen([*manage, "qcluster"], env={**os.environ, "Q_CLUSTER_NAME": "default"}),
+            "gpu cluster": subprocess.Popen([*manage, "qcluster"], env={**os.environ, "Q_CLUSTER_NAME": "gpu"}),
+        }
+        try:
+            self.demo_generation(f"http://{addr}", api_key)
+            self.stdout.write(f"\nServing at http://{addr}/ with both worker clusters; Ctrl-C stops everything.")
+            children["web"].wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            for child in children.values():
+                if child.poll() is None:
+                    child.send_signal(signal.SIGINT)
+            for child in children.values():
+                try:
+                    child.wait(15)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+
+    def demo_generation(self, base: str, api_key: str) -> None:
+        def call(method: str, path: str, body: dict | None = None) -> dict:
+            request = urllib.request.Request(
+                base + path,
+                method=method,
+                data=json.dumps(body).encode() if body is not None else None,
+                headers={"Authorization": f"Api-Key {api_key}", "Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                call("GET", "/api/v1/health")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        character = call("GET", "/api/v1/characters?search=Eileen")["results"][0]
+        job = call(
+            "POST",
+            "/api/v1/generations",
+            {"character": character["id"], "method": "pulid_flux", "prompt": "portrait on the moon, film still",
+             "width": 256, "height": 256, "steps": 8, "seed": 42},
+        )  # fmt: skip
+        self.stdout.write(
+            f"\nGeneration #{job['id']} ({job['method']}) of {character['name']} submitted through the API:"
+        )
+        last = None
+        deadline = time.monotonic() + 600
+        while job["status"] not in ("succeeded", "failed", "canceled") and time.monotonic() < deadline:
+            time.sleep(0.5)
+            job = call("GET", f"/api/v1/generations/{job['id']}")
+            line = (
+                f"  {job['status']:<9} {job['progress'] * 100:5.1f}%  step {job['current_step']}/{job['total_steps']}"
+            )
+            if line != last:
+                self.stdout.write(line)
+                last = line
+        if job["status"] != "succeeded":
+            self.stdout.write(f"  ended {job['status']}: {job['error']}")
+            return
+        from generation.models import GeneratedImage
+
+        for output in job["outputs"]:
+            stored = GeneratedImage.objects.unscoped().get(pk=output["id"]).file.path
+            score = output["identity_similarity"]
+            identity = f"{score:.3f}" if score is not None else f"n/a ({output['identity_reason']})"
+            self.stdout.write(
+                f"  output: {stored}\n          {output['url']}  seed {output['seed']}  identity {identity}"
+            )
+        self.stdout.write(f"  queue wait {job['queue_wait_seconds']}s, run {job['run_seconds']}s on {job['device']}")
 
     def enrol_samples(self, tenant) -> None:
         """Sample characters from photos inside our dependencies, then one search by photo."""
