@@ -33,6 +33,13 @@ class GenerationJob(Job):
     request_hash = models.CharField(max_length=64, blank=True)
     device = models.CharField(max_length=64, blank=True, help_text="Where it ran, e.g. cuda:NVIDIA H100 or cpu")
     device_seconds = models.FloatField(null=True, blank=True, help_text="Time the method held the device")
+    usage = models.JSONField(default=dict, blank=True, help_text="Metered quantities (tokens, images) to price")
+    lora = models.ForeignKey(
+        "training.LoraArtifact", null=True, blank=True, on_delete=models.PROTECT, related_name="generation_jobs"
+    )
+    style_lora = models.ForeignKey(
+        "training.StyleLora", null=True, blank=True, on_delete=models.SET_NULL, related_name="generation_jobs"
+    )
 
     class Meta:
         ordering = ["-queued_at", "-id"]

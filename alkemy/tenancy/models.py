@@ -32,6 +32,9 @@ class Tenant(models.Model):
     slug = models.SlugField(max_length=63, unique=True, validators=[slug_validator])
     name = models.CharField(max_length=200)
     is_active = models.BooleanField(default=True, help_text="Inactive tenants cannot use the API.")
+    gemini_api_key_encrypted = models.TextField(
+        blank=True, editable=False, help_text="The tenant's own Gemini API key, encrypted at rest"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
