@@ -13,59 +13,15 @@ weights load strictly: `latents`, `proj_in`, `layers.{i}.0` (attention: `norm1`,
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
+
+from generation.perceiver import PerceiverAttention, feed_forward
 
 #: the configuration of InstantID's released Resampler (512-d ArcFace in, 16 tokens of 2048 out)
 INSTANTID_RESAMPLER = dict(
     dim=1280, depth=4, dim_head=64, heads=20, num_queries=16, embedding_dim=512, output_dim=2048, ff_mult=4
 )
-
-
-def feed_forward(dim: int, mult: int = 4) -> nn.Sequential:
-    """Pre-norm MLP without biases; a `Sequential` because the weight file indexes it (0, 1, 3)."""
-    inner = int(dim * mult)
-    return nn.Sequential(
-        nn.LayerNorm(dim),
-        nn.Linear(dim, inner, bias=False),
-        nn.GELU(),
-        nn.Linear(inner, dim, bias=False),
-    )
-
-
-class PerceiverAttention(nn.Module):
-    """The latents attend to the (normalised) input features concatenated with themselves."""
-
-    def __init__(self, dim: int, dim_head: int = 64, heads: int = 8):
-        super().__init__()
-        self.heads = heads
-        self.dim_head = dim_head
-        inner = dim_head * heads
-        self.norm1 = nn.LayerNorm(dim)  # for the input features
-        self.norm2 = nn.LayerNorm(dim)  # for the latents
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
-
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = x.shape
-        return x.view(batch, length, self.heads, self.dim_head).transpose(1, 2)
-
-    def forward(self, features: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """features (B, N, dim), latents (B, Q, dim) → attention output for the latents (B, Q, dim)."""
-        features = self.norm1(features)
-        latents = self.norm2(latents)
-        query = self._split_heads(self.to_q(latents))
-        key, value = self.to_kv(torch.cat([features, latents], dim=1)).chunk(2, dim=-1)
-        key, value = self._split_heads(key), self._split_heads(value)
-        # Scaling q and k by dim_head^-1/4 each (rather than the product once) keeps fp16 logits in range;
-        # the softmax runs in fp32 for the same reason. Mathematically the usual 1/sqrt(dim_head).
-        scale = 1.0 / math.sqrt(math.sqrt(self.dim_head))
-        weights = ((query * scale) @ (key * scale).transpose(-2, -1)).float().softmax(dim=-1).to(value.dtype)
-        out = (weights @ value).transpose(1, 2).reshape(latents.shape[0], latents.shape[1], -1)
-        return self.to_out(out)
 
 
 class Resampler(nn.Module):
@@ -93,7 +49,7 @@ class Resampler(nn.Module):
         self.proj_in = nn.Linear(embedding_dim, dim)
         self.layers = nn.ModuleList(
             [
-                nn.ModuleList([PerceiverAttention(dim, dim_head, heads), feed_forward(dim, ff_mult)])
+                nn.ModuleList([PerceiverAttention(dim=dim, dim_head=dim_head, heads=heads), feed_forward(dim, ff_mult)])
                 for _ in range(depth)
             ]
         )

@@ -12,16 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from generation.perceiver import PerceiverAttention, feed_forward, heads_first
 
-def feed_forward(dim: int, mult: float = 4) -> nn.Sequential:
-    """Pre-norm MLP without biases; a Sequential so the keys are `N.0/1/3.*` as in the release."""
-    inner_dim = int(dim * mult)
-    return nn.Sequential(
-        nn.LayerNorm(dim),
-        nn.Linear(dim, inner_dim, bias=False),
-        nn.GELU(),
-        nn.Linear(inner_dim, dim, bias=False),
-    )
+__all__ = ["IDFormer", "PerceiverAttention", "PerceiverAttentionCA", "feed_forward", "mlp_mapping"]
 
 
 def mlp_mapping(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -35,34 +28,6 @@ def mlp_mapping(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
         nn.LeakyReLU(),
         nn.Linear(hidden_dim, out_dim),
     )
-
-
-def _heads_first(x: torch.Tensor, heads: int) -> torch.Tensor:
-    batch, length, _ = x.shape
-    return x.view(batch, length, heads, -1).transpose(1, 2)
-
-
-class PerceiverAttention(nn.Module):
-    """Latents attend to [context; latents] (the perceiver-resampler attention of IDFormer)."""
-
-    def __init__(self, *, dim: int, dim_head: int = 64, heads: int = 8, kv_dim: int | None = None):
-        super().__init__()
-        self.heads = heads
-        inner_dim = dim_head * heads
-        kv_dim = dim if kv_dim is None else kv_dim
-        self.norm1 = nn.LayerNorm(kv_dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner_dim, bias=False)
-        self.to_kv = nn.Linear(kv_dim, inner_dim * 2, bias=False)
-        self.to_out = nn.Linear(inner_dim, dim, bias=False)
-
-    def forward(self, context: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        context = self.norm1(context)
-        latents = self.norm2(latents)
-        query = self.to_q(latents)
-        key, value = self.to_kv(torch.cat((context, latents), dim=1)).chunk(2, dim=-1)
-        out = F.scaled_dot_product_attention(*(_heads_first(t, self.heads) for t in (query, key, value)))
-        return self.to_out(out.transpose(1, 2).flatten(2))
 
 
 class PerceiverAttentionCA(nn.Module):
@@ -87,7 +52,7 @@ class PerceiverAttentionCA(nn.Module):
         id_tokens = self.norm1(id_tokens)
         query = self.to_q(self.norm2(hidden_states))
         key, value = self.to_kv(id_tokens).chunk(2, dim=-1)
-        out = F.scaled_dot_product_attention(*(_heads_first(t, self.heads) for t in (query, key, value)))
+        out = F.scaled_dot_product_attention(*(heads_first(t, self.heads) for t in (query, key, value)))
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 
