@@ -3,6 +3,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from alkemy.api.health import HealthView
+from alkemy.api.tenant import TenantView
 
 admin.site.site_header = "Alkemy Cast"
 admin.site.site_title = "Alkemy Cast admin"
@@ -11,9 +12,11 @@ admin.site.index_title = "Characters, generations and tenants"
 api_v1 = [
     path("health", HealthView.as_view(), name="health"),
     path("schema", SpectacularAPIView.as_view(), name="schema"),
+    path("tenant", TenantView.as_view(), name="tenant"),
     path("docs", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("", include("characters.urls")),
     path("", include("generation.urls")),
+    path("", include("training.urls")),
     path("", include("alkemy.webhooks.urls")),
 ]
 

@@ -13,7 +13,7 @@ from alkemy.jobs import JobStatus, job_request_cancel
 from alkemy.tenancy.models import Tenant
 from characters.faces import resolve_embedder_name
 from characters.models import Character, CharacterIdentity
-from generation.methods import DEFAULT_METHOD, DEFAULT_STEPS, METHODS
+from generation.methods import DEFAULT_METHOD, DEFAULT_STEPS, IDENTITY_METHODS, METHOD_CLUSTERS, METHODS
 from generation.models import GenerationJob
 
 GPU_CLUSTER = "gpu"
@@ -77,7 +77,11 @@ def generation_submit(
         raise _invalid("guidance must be between 0 and 30.", "guidance")
     params = dict(params or {})
     embedder = resolve_embedder_name()
-    if not CharacterIdentity.objects.unscoped().filter(character=character, embedder=embedder).exists():
+    lora, style_lora = (None, None)
+    if method == "lora":
+        lora, style_lora = _resolve_loras(character, params)
+    has_identity = CharacterIdentity.objects.unscoped().filter(character=character, embedder=embedder).exists()
+    if method in IDENTITY_METHODS and not has_identity:
         raise AlkemyError(
             f"Character '{character.name}' has no reference photo analysed by the '{embedder}' embedder yet.",
             code="no_identity",
@@ -112,6 +116,8 @@ def generation_submit(
                 request_hash=fingerprint,
                 requested_by=requested_by if getattr(requested_by, "pk", None) else None,
                 requested_by_api_key=requested_by_api_key,
+                lora=lora,
+                style_lora=style_lora,
             )
             notify(job, JobStatus.QUEUED)
             transaction.on_commit(lambda: enqueue(job.pk))
@@ -122,6 +128,37 @@ def generation_submit(
             raise
         return existing, False
     return job, True
+
+
+def _resolve_loras(character: Character, params: dict):
+    """The character's LoRA (selected, or `params["lora_version"]`) and an optional style LoRA."""
+    from training.models import LoraArtifact, StyleLora
+
+    loras = LoraArtifact.objects.unscoped().filter(character=character)
+    version = params.get("lora_version")
+    lora = loras.filter(version=version).first() if version is not None else loras.filter(is_selected=True).first()
+    if lora is None:
+        raise AlkemyError(
+            f"Character '{character.name}' has no LoRA" + (f" version {version}." if version is not None else " yet."),
+            code="no_lora",
+            field="params.lora_version" if version is not None else "character",
+            status_code=422,
+        )
+    style_lora = None
+    if params.get("style_lora") is not None:
+        style_lora = StyleLora.objects.unscoped().filter(tenant_id=character.tenant_id, pk=params["style_lora"]).first()
+        if style_lora is None:
+            raise AlkemyError(
+                "No such style LoRA.", code="style_lora_not_found", field="params.style_lora", status_code=422
+            )
+        if style_lora.base_model != lora.base_model:
+            raise AlkemyError(
+                f"The style LoRA is for {style_lora.base_model}, the character's LoRA for {lora.base_model}.",
+                code="base_model_mismatch",
+                field="params.style_lora",
+                status_code=422,
+            )
+    return lora, style_lora
 
 
 def _idempotent_match(tenant: Tenant, key: str, fingerprint: str) -> GenerationJob | None:
@@ -139,7 +176,9 @@ def enqueue(job_id: int) -> None:
     """Hand the job to the GPU cluster. Safe to call more than once: the claim is conditional."""
     from django_q.tasks import async_task
 
-    async_task("generation.tasks.run_generation_job", job_id, cluster=GPU_CLUSTER, task_name=f"generation-{job_id}")
+    method = GenerationJob.objects.unscoped().filter(pk=job_id).values_list("method", flat=True).first()
+    cluster = METHOD_CLUSTERS.get(method, GPU_CLUSTER)
+    async_task("generation.tasks.run_generation_job", job_id, cluster=cluster, task_name=f"generation-{job_id}")
 
 
 def generation_cancel(*, job: GenerationJob) -> GenerationJob:

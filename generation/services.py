@@ -38,25 +38,39 @@ def generate_for_character(
     method: GenerationMethod,
     request: GenerationRequest,
     on_step: StepCallback | None = None,
+    needs_references: bool = True,
 ) -> list[GeneratedOutput]:
     """Generate `request.num_images` images, one seed each (seed, seed+1, ...), each identity-scored.
 
     Images are generated one at a time so that every output is reproducible from its own seed;
-    `on_step` sees the steps of all images as one sequence.
+    `on_step` sees the steps of all images as one sequence. What the method meters (tokens,
+    images) is added up in `request.usage`. A method that carries the identity in its weights
+    (a LoRA) runs without reference photos; its outputs are scored when the character has an
+    identity, else they say `no_identity`.
     """
     embedder = resolve_embedder_name()
-    faces = reference_faces(character=character, embedder=embedder)
-    identity = character_identity(character=character, embedder=embedder)
+    try:
+        faces = reference_faces(character=character, embedder=embedder)
+        identity = character_identity(character=character, embedder=embedder)
+    except AlkemyError:
+        if needs_references:
+            raise
+        faces, identity = [], None
     count = request.num_images
     outputs: list[GeneratedOutput] = []
     for index in range(count):
-        single = replace(request, references=faces, seed=request.seed + index, num_images=1)
+        single = replace(request, references=faces, seed=request.seed + index, num_images=1, usage={})
 
         def step_of_all(step: int, total: int, index: int = index) -> None:
             if on_step is not None:
                 on_step(index * total + step, count * total)
 
         image = method.generate(single, step_of_all)[0]
-        score = score_images([image], identity=identity, embedder=embedder)[0]
+        for meter, quantity in single.usage.items():
+            request.usage[meter] = request.usage.get(meter, 0) + quantity
+        if identity is None:
+            score = IdentityScore(None, "no_identity")
+        else:
+            score = score_images([image], identity=identity, embedder=embedder)[0]
         outputs.append(GeneratedOutput(image=image, seed=single.seed, score=score))
     return outputs

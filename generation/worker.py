@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
-from django.db import transaction
+from django.db import connection, transaction
 
 from alkemy.errors import AlkemyError
 from alkemy.jobs import JobStatus, job_claim, job_finish, job_heartbeat, worker_id
 from alkemy.tenancy.scoping import tenant_scope
+from generation.methods import IDENTITY_METHODS
 from generation.methods.base import GenerationMethod, GenerationRequest, LoadOptions
 from generation.models import GeneratedImage, GenerationJob
 
@@ -184,10 +185,42 @@ class StepGuard:
         return status == JobStatus.RUNNING and worker == self.worker, cancel
 
 
+#: methods whose concurrency is limited (remote APIs with quotas): settings per tenant and global
+CONCURRENCY_LIMITS = {"gemini": ("ALKEMY_GEMINI_CONCURRENCY_PER_TENANT", "ALKEMY_GEMINI_CONCURRENCY_GLOBAL")}
+DEFER_POLL_SECONDS = 1.0
+DEFER_MAX_WAIT_SECONDS = 30.0
+
+
+def claim_within_limits(job_id: int, me: str) -> bool | None:
+    """Claim the job; None when its method is at its concurrency limit (try again later)."""
+    row = GenerationJob.objects.unscoped().filter(pk=job_id).values_list("method", "tenant_id").first()
+    if row is None or row[0] not in CONCURRENCY_LIMITS:
+        return job_claim(GenerationJob, job_id, worker=me)
+    method, tenant_id = row
+    per_tenant, overall = (getattr(settings, name) for name in CONCURRENCY_LIMITS[method])
+    with transaction.atomic(), connection.cursor() as cursor:
+        # One claimer at a time per method, so the counts below hold until we commit.
+        cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"alkemy-concurrency-{method}"])
+        running = GenerationJob.objects.unscoped().filter(status=JobStatus.RUNNING, method=method)
+        if running.count() >= overall or running.filter(tenant_id=tenant_id).count() >= per_tenant:
+            return None
+        return job_claim(GenerationJob, job_id, worker=me)
+
+
 def run_job(job_id: int) -> str:
-    """Claim and run one generation job. Returns the final status, or 'skipped' if not claimed."""
+    """Claim and run one generation job. Returns the final status, 'skipped' if it was not ours to
+    run, or 'deferred' when its method stayed at its concurrency limit (the job is re-enqueued)."""
     me = worker_id()
-    if not job_claim(GenerationJob, job_id, worker=me):
+    waited = 0.0
+    while (claimed := claim_within_limits(job_id, me)) is None:
+        if waited >= DEFER_MAX_WAIT_SECONDS:
+            from generation.jobs import enqueue
+
+            enqueue(job_id)
+            return "deferred"
+        time.sleep(DEFER_POLL_SECONDS)
+        waited += DEFER_POLL_SECONDS
+    if not claimed:
         logger.info("job %s not claimed (already taken, finished or canceled)", job_id)
         return "skipped"
     job = GenerationJob.objects.unscoped().select_related("character").get(pk=job_id)
@@ -209,10 +242,13 @@ def _run_claimed(job: GenerationJob, me: str) -> str:
         request = GenerationRequest(
             references=[], prompt=job.prompt, negative_prompt=job.negative_prompt, width=job.width,
             height=job.height, steps=job.steps, guidance=job.guidance, seed=job.seed,
-            num_images=job.num_images, params=job.params,
+            num_images=job.num_images, params=run_params(job), credentials=run_credentials(job),
         )  # fmt: skip
         device_started = time.monotonic()
-        outputs = generate_for_character(character=job.character, method=method, request=request, on_step=guard)
+        outputs = generate_for_character(
+            character=job.character, method=method, request=request, on_step=guard,
+            needs_references=job.method in IDENTITY_METHODS,
+        )  # fmt: skip
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         device_seconds = time.monotonic() - device_started
@@ -238,7 +274,51 @@ def _run_claimed(job: GenerationJob, me: str) -> str:
     except Exception as exc:  # a bug in a method must fail the job, not kill the worker
         logger.exception("job %s failed", job.pk)
         return _finish(job, me, JobStatus.FAILED, "internal_error", f"{type(exc).__name__}: {exc}", device_seconds)
-    return _store_outputs(job, me, outputs, device_seconds)
+    return _store_outputs(job, me, outputs, device_seconds, request.usage)
+
+
+def run_params(job: GenerationJob) -> dict:
+    """The method parameters of a run: the job's own, plus the LoRA files it refers to."""
+    params = dict(job.params)
+    if job.lora_id:
+        lora = job.lora
+        params.update(
+            base_model=lora.base_model, lora_path=local_path(lora.file), lora_id=f"artifact-{lora.pk}",
+            trigger_token=lora.trigger_token,
+        )  # fmt: skip
+        if job.style_lora_id:
+            style = job.style_lora
+            params.update(style_lora_path=local_path(style.file), style_lora_id=f"style-{style.pk}")
+            if style.trigger_token:
+                params.setdefault("style_trigger_token", style.trigger_token)
+    return params
+
+
+def run_credentials(job: GenerationJob) -> dict:
+    """Secrets for remote methods, decrypted only here, never stored on the job."""
+    from alkemy.tenancy.models import Tenant
+    from alkemy.tenancy.services import tenant_gemini_key
+
+    if job.method != "gemini":
+        return {}
+    key = tenant_gemini_key(Tenant.objects.get(pk=job.tenant_id))
+    return {"gemini_api_key": key} if key else {}
+
+
+def local_path(field_file) -> str:
+    """A local file path for a stored file (downloaded once into a cache for remote storages)."""
+    try:
+        return field_file.path
+    except NotImplementedError:
+        import tempfile
+        from pathlib import Path
+
+        cached = Path(tempfile.gettempdir()) / "alkemy-cache" / field_file.name
+        if not cached.exists():
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            with field_file.open("rb") as source:
+                cached.write_bytes(source.read())
+        return str(cached)
 
 
 def _device_name() -> str:
@@ -249,7 +329,7 @@ def _device_name() -> str:
     return "cpu"
 
 
-def _store_outputs(job: GenerationJob, me: str, outputs, device_seconds: float) -> str:
+def _store_outputs(job: GenerationJob, me: str, outputs, device_seconds: float, usage: dict) -> str:
     stored: list[str] = []
     try:
         for index, output in enumerate(outputs):
@@ -259,7 +339,8 @@ def _store_outputs(job: GenerationJob, me: str, outputs, device_seconds: float) 
             stored.append(default_storage.save(name, ContentFile(buffer.getvalue())))
         with transaction.atomic():
             finished = job_finish(GenerationJob, job.pk, worker=me, status=JobStatus.SUCCEEDED,
-                                  device=_device_name(), device_seconds=round(device_seconds, 3))  # fmt: skip
+                                  device=_device_name(), device_seconds=round(device_seconds, 3),
+                                  usage={**usage, "images": len(outputs)})  # fmt: skip
             if not finished:
                 raise JobLost()
             GeneratedImage.objects.unscoped().bulk_create(

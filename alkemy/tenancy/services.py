@@ -110,3 +110,22 @@ def api_key_authenticate(raw_key: str) -> ApiKey:
         ApiKey.objects.unscoped().filter(pk=api_key.pk).update(last_used_at=now)
         api_key.last_used_at = now
     return api_key
+
+
+def tenant_set_gemini_key(*, tenant: Tenant, api_key: str | None) -> Tenant:
+    """Store (encrypted) or clear the tenant's own Gemini API key."""
+    from alkemy.crypto import encrypt
+
+    api_key = (api_key or "").strip()
+    if api_key and (len(api_key) < 20 or " " in api_key):
+        raise AlkemyError("That does not look like a Gemini API key.", code="invalid_api_key", field="api_key")
+    tenant.gemini_api_key_encrypted = encrypt(api_key) if api_key else ""
+    tenant.save(update_fields=["gemini_api_key_encrypted"])
+    return tenant
+
+
+def tenant_gemini_key(tenant: Tenant) -> str | None:
+    """The tenant's Gemini key in clear (for the worker only), or None to use the global one."""
+    from alkemy.crypto import decrypt
+
+    return decrypt(tenant.gemini_api_key_encrypted) if tenant.gemini_api_key_encrypted else None

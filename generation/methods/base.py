@@ -66,6 +66,10 @@ class GenerationRequest:
     seed: int = 0
     num_images: int = 1
     params: dict = field(default_factory=dict)  # method-specific (id_weight, ip_adapter_scale, ...)
+    #: secrets a remote method needs (e.g. {"gemini_api_key": ...}); never stored on the job
+    credentials: dict = field(default_factory=dict, repr=False)
+    #: filled by the method: metered quantities for accounting (tokens, images, ...)
+    usage: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -88,6 +92,8 @@ class LoadOptions:
 
 class GenerationMethod:
     key: ClassVar[str]
+    #: which worker cluster runs it: "gpu" for diffusion, "default" (CPU) for remote APIs
+    cluster: ClassVar[str] = "gpu"
     label: ClassVar[str]
     default_steps: ClassVar[int]
     default_guidance: ClassVar[float]
