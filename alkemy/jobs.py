@@ -74,6 +74,7 @@ class Job(TenantOwnedModel):
     cancel_requested = models.BooleanField(default=False)
     error_code = models.CharField(max_length=64, blank=True)
     error_message = models.TextField(blank=True)
+    error_details = models.JSONField(default=dict, blank=True)
     queued_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -144,7 +145,15 @@ def job_heartbeat(
 
 
 def job_finish(
-    model: type[Job], job_id: int, *, worker: str, status: str, error_code: str = "", error_message: str = "", **extra
+    model: type[Job],
+    job_id: int,
+    *,
+    worker: str,
+    status: str,
+    error_code: str = "",
+    error_message: str = "",
+    error_details: dict | None = None,
+    **extra,
 ) -> bool:
     """running → succeeded / failed / canceled, only for the worker holding the job."""
     check_transition(JobStatus.RUNNING, status)
@@ -152,7 +161,7 @@ def job_finish(
     if status == JobStatus.SUCCEEDED:
         changes["progress"] = 1.0
     if error_code:
-        changes.update(error_code=error_code, error_message=error_message[:5000])
+        changes.update(error_code=error_code, error_message=error_message[:5000], error_details=error_details or {})
     return model.objects.unscoped().filter(pk=job_id, status=JobStatus.RUNNING, worker=worker).update(**changes) == 1
 
 

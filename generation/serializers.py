@@ -37,6 +37,7 @@ class GeneratedImageSerializer(serializers.ModelSerializer):
 class ErrorSerializer(serializers.Serializer):
     code = serializers.CharField()
     message = serializers.CharField()
+    details = serializers.DictField()
 
 
 class GenerationJobSerializer(serializers.ModelSerializer):
@@ -50,11 +51,13 @@ class GenerationJobSerializer(serializers.ModelSerializer):
         fields = [
             "id", "status", "character", "method", "embedder", "prompt", "negative_prompt", "width", "height",
             "steps", "guidance", "seed", "num_images", "params", "progress", "current_step", "total_steps",
-            "attempt", "cancel_requested", "error", "outputs", "device", "device_seconds", "queued_at",
+            "attempt", "cancel_requested", "error", "outputs", "device", "device_seconds", "usage", "queued_at",
             "started_at", "finished_at", "queue_wait_seconds", "run_seconds",
         ]  # fmt: skip
         read_only_fields = fields
 
     @extend_schema_field(ErrorSerializer(allow_null=True))
     def get_error(self, obj):
-        return {"code": obj.error_code, "message": obj.error_message} if obj.error_code else None
+        if not obj.error_code:
+            return None
+        return {"code": obj.error_code, "message": obj.error_message, "details": obj.error_details}

@@ -270,7 +270,7 @@ def _run_claimed(job: GenerationJob, me: str) -> str:
         pipeline_cache().clear()
         return _finish(job, me, JobStatus.FAILED, "gpu_out_of_memory", str(exc)[:1000], device_seconds)
     except AlkemyError as exc:
-        return _finish(job, me, JobStatus.FAILED, exc.code, exc.message, device_seconds)
+        return _finish(job, me, JobStatus.FAILED, exc.code, exc.message, device_seconds, exc.details)
     except Exception as exc:  # a bug in a method must fail the job, not kill the worker
         logger.exception("job %s failed", job.pk)
         return _finish(job, me, JobStatus.FAILED, "internal_error", f"{type(exc).__name__}: {exc}", device_seconds)
@@ -367,10 +367,21 @@ def _store_outputs(job: GenerationJob, me: str, outputs, device_seconds: float, 
     return JobStatus.SUCCEEDED
 
 
-def _finish(job: GenerationJob, me: str, status: str, code: str, message: str, device_seconds: float) -> str:
+def _finish(
+    job: GenerationJob,
+    me: str,
+    status: str,
+    code: str,
+    message: str,
+    device_seconds: float,
+    details: dict | None = None,
+) -> str:
     with transaction.atomic():
-        if job_finish(GenerationJob, job.pk, worker=me, status=status, error_code=code, error_message=message,
-                      device=_device_name(), device_seconds=round(device_seconds, 3)):  # fmt: skip
+        finished = job_finish(
+            GenerationJob, job.pk, worker=me, status=status, error_code=code, error_message=message,
+            error_details=details, device=_device_name(), device_seconds=round(device_seconds, 3),
+        )  # fmt: skip
+        if finished:
             _notify(job, status)
             return status
     return "lost"
