@@ -33,7 +33,7 @@ def submit(tenant, character, **overrides):
 
 
 def test_gemini_job_runs_on_the_cpu_cluster_with_the_tenants_key(
-    gemini,
+    gemini,  # noqa: F811
     studio_a,
     eileen,
     django_capture_on_commit_callbacks,  # noqa: F811

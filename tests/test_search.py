@@ -182,11 +182,35 @@ def test_tenant_filter_still_returns_limit_results(crowded_database, studio_a, s
     assert set(tenants) == {(studio_a.tenant.pk,)}
     assert [r.similarity for r in results] == sorted((r.similarity for r in results), reverse=True)
 
-    # Without pgvector 0.8's iterative scan the same index scan comes back short: B's rows fill ef_search.
+    # The same query forced through the HNSW index: with pgvector 0.8's iterative scan it fills the
+    # limit; without it, B's rows fill ef_search and it comes back short.
+    only_hnsw_left()
+    params = search_params(query, studio_a.tenant)
+    assert "Index Scan using faceemb_hnsw_dlib" in explain(reference_search_sql("dlib"), params)
     with connection.cursor() as cursor:
-        cursor.execute("SET hnsw.iterative_scan = off")
+        cursor.execute("SET hnsw.ef_search = 40")
         try:
-            cursor.execute(reference_search_sql("dlib"), search_params(query, studio_a.tenant))
+            cursor.execute("SET hnsw.iterative_scan = relaxed_order")
+            cursor.execute(reference_search_sql("dlib"), params)
+            assert len(cursor.fetchall()) == 10
+            cursor.execute("SET hnsw.iterative_scan = off")
+            cursor.execute(reference_search_sql("dlib"), params)
             assert len(cursor.fetchall()) < 10
         finally:
             cursor.execute("RESET hnsw.iterative_scan")
+            cursor.execute("RESET hnsw.ef_search")
+            cursor.execute("RESET enable_seqscan")
+
+
+def only_hnsw_left() -> None:
+    """Drop the B-tree paths and sequential scans for this test (DDL rolls back with the test)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")  # fire the deferred FK checks of the inserts first
+        cursor.execute("ALTER TABLE characters_faceembedding DROP CONSTRAINT embedding_unique_per_reference_embedder")
+        cursor.execute(
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'characters_faceembedding' "
+            "AND indexdef LIKE '%%btree%%' AND indexname NOT LIKE '%%pkey'"
+        )
+        for (name,) in cursor.fetchall():
+            cursor.execute(f'DROP INDEX "{name}"')
+        cursor.execute("SET enable_seqscan = off")

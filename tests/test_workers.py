@@ -46,7 +46,7 @@ def job(job_id) -> GenerationJob:
 
 def test_gpu_cluster_runs_a_job_to_success(api_a, eileen, gpu_cluster):
     job_id = submit(api_a, eileen)
-    wait_for(lambda: job(job_id).is_terminal, what="the job to finish")
+    wait_for(lambda: job(job_id).is_terminal, timeout=300, what="the job to finish")
     body = api_a.get(f"/api/v1/generations/{job_id}").json()
     assert body["status"] == "succeeded", (body, "".join(gpu_cluster.log[-30:]))
     assert body["progress"] == 1.0 and body["attempt"] == 1
@@ -63,9 +63,9 @@ def test_gpu_cluster_runs_a_job_to_success(api_a, eileen, gpu_cluster):
 
 def test_cancel_a_running_job_stops_it_without_outputs(api_a, eileen, gpu_cluster):
     job_id = submit(api_a, eileen, steps=40, num_images=4)
-    wait_for(lambda: job(job_id).current_step > 0, what="the job to make progress")
+    wait_for(lambda: job(job_id).current_step > 0, timeout=300, what="the job to make progress")
     assert api_a.post(f"/api/v1/generations/{job_id}/cancel").status_code == 200
-    wait_for(lambda: job(job_id).is_terminal, what="the job to stop")
+    wait_for(lambda: job(job_id).is_terminal, timeout=300, what="the job to stop")
     stopped = job(job_id)
     assert stopped.status == JobStatus.CANCELED and stopped.error_code == "canceled"
     assert stopped.current_step < stopped.total_steps
@@ -73,7 +73,7 @@ def test_cancel_a_running_job_stops_it_without_outputs(api_a, eileen, gpu_cluste
 
 
 def test_killed_worker_job_is_requeued_and_finished_once(api_a, eileen, gpu_cluster, worker_env):
-    job_id = submit(api_a, eileen, steps=40, num_images=3)
+    job_id = submit(api_a, eileen, steps=16, num_images=2)
     wait_for(lambda: job(job_id).current_step > 0, what="the job to start")
     gpu_cluster.kill()
     assert job(job_id).status == JobStatus.RUNNING  # left behind by the dead worker
@@ -83,9 +83,10 @@ def test_killed_worker_job_is_requeued_and_finished_once(api_a, eileen, gpu_clus
 
     fresh = Cluster("gpu", ALKEMY_JOB_LEASE_SECONDS="3").start()
     try:
-        wait_for(lambda: job(job_id).is_terminal, what="a fresh worker to finish the job")
+        # generous: a fresh worker imports torch and loads the method before it can start
+        wait_for(lambda: job(job_id).is_terminal, timeout=300, what="a fresh worker to finish the job")
     finally:
         fresh.stop()
     finished = job(job_id)
     assert finished.status == JobStatus.SUCCEEDED and finished.attempt == 2
-    assert GeneratedImage.objects.unscoped().filter(job_id=job_id).count() == 3  # one set of outputs
+    assert GeneratedImage.objects.unscoped().filter(job_id=job_id).count() == 2  # one set of outputs
