@@ -100,6 +100,8 @@ PRODUCTION_EMBEDDER = "arcface_antelopev2"
 METHOD_COMPONENTS: dict[str, tuple[str, ...]] = {
     "pulid_flux": ("flux", "pulid_flux_weights", "eva_clip", "face_parsing"),
     "instantid_sdxl": ("sdxl", "instantid_controlnet", "instantid_ip_adapter"),
+    "lora": ("sdxl", "flux"),  # a LoRA job needs only the base it was trained for
+    "gemini": (),  # remote: no weights
 }
 
 

@@ -67,14 +67,20 @@ def module_bytes(method: GenerationMethod) -> int:
                 seen.add(id(tensor))
                 total += tensor.numel() * tensor.element_size()
 
-    for value in vars(method).values():
+    def visit(value) -> None:
         if isinstance(value, torch.nn.Module):
             add(value)
+        elif isinstance(value, dict):  # e.g. lazily loaded base pipelines by name
+            for item in value.values():
+                visit(item)
         components = getattr(value, "components", None)
         if isinstance(components, dict):
             for component in components.values():
                 if isinstance(component, torch.nn.Module):
                     add(component)
+
+    for value in vars(method).values():
+        visit(value)
     return total
 
 
@@ -102,17 +108,21 @@ class PipelineCache:
         if key in self._entries:
             self._entries.move_to_end(key)
             return self._entries[key][0]
-        options = LoadOptions.for_device()
-        budget = device_budget_bytes(options.device)
-        method = load_method(method_key, options=options)
+        method = load_method(method_key, options=LoadOptions.for_device())
         self.loads += 1
-        size = module_bytes(method)
-        self._entries[key] = (method, size)
-        while len(self._entries) > 1 and sum(s for _, s in self._entries.values()) > budget:
+        self._entries[key] = (method, 0)
+        self.trim()
+        return method
+
+    def trim(self) -> None:
+        """Evict least recently used methods until the warm ones fit the memory budget (the newest
+        always stays). Sizes are measured now, since some methods load their weights lazily."""
+        budget = device_budget_bytes(LoadOptions.for_device().device)
+        sizes = {key: module_bytes(method) for key, (method, _) in self._entries.items()}
+        while len(self._entries) > 1 and sum(sizes[key] for key in self._entries) > budget:
             evicted, _ = self._entries.popitem(last=False)
             logger.info("evicted %s from the pipeline cache (budget %.1f GiB)", evicted, budget / 2**30)
             self.free()
-        return method
 
     def clear(self) -> None:
         self._entries.clear()
@@ -274,6 +284,7 @@ def _run_claimed(job: GenerationJob, me: str) -> str:
     except Exception as exc:  # a bug in a method must fail the job, not kill the worker
         logger.exception("job %s failed", job.pk)
         return _finish(job, me, JobStatus.FAILED, "internal_error", f"{type(exc).__name__}: {exc}", device_seconds)
+    pipeline_cache().trim()  # weights loaded during the run count from now on
     return _store_outputs(job, me, outputs, device_seconds, request.usage)
 
 

@@ -29,7 +29,7 @@ def _read_lora(upload) -> bytes:
 
 
 def _inspect(data: bytes, base_model: str):
-    from generation.lora.validation import inspect_lora
+    from generation.lora import inspect_lora
 
     if base_model not in BaseModel.values:
         raise AlkemyError(
@@ -53,7 +53,8 @@ def lora_upload(
     artifact = LoraArtifact(
         tenant_id=character.tenant_id, character=character, base_model=base_model, file_size=len(data),
         lora_format=info.format, rank=info.rank, trigger_token=trigger_token.strip(), source="uploaded",
-        metadata={"tensors": info.n_tensors, "original_name": getattr(upload, "name", "")},
+        metadata={"tensors": info.n_tensors, "components": list(info.components),
+                  "target_modules": len(info.target_modules), "original_name": getattr(upload, "name", "")},
         created_by=created_by if getattr(created_by, "pk", None) else None,
     )  # fmt: skip
     stored = _store(artifact, data)

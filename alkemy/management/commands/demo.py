@@ -68,11 +68,11 @@ class Command(BaseCommand):
             self.serve(addr, plaintext)
 
     def ensure_models(self) -> None:
-        """Use $ALKEMY_MODELS_DIR when a method is ready there, else tiny models (built once)."""
+        """Use $ALKEMY_MODELS_DIR when PuLID-FLUX (the demo's method) is ready there, else tiny models."""
         from generation.methods import METHODS
         from generation.model_registry import missing_files
 
-        if any(not missing_files(settings.ALKEMY_MODELS_DIR, method) for method in METHODS):
+        if not missing_files(settings.ALKEMY_MODELS_DIR, "pulid_flux"):
             self.stdout.write(f"Model weights: {settings.ALKEMY_MODELS_DIR}")
             return
         tiny = Path(settings.ALKEMY_DATA_DIR) / "tiny-models"

@@ -31,6 +31,9 @@ class Command(BaseCommand):
         self.stdout.write("\nGeneration methods:")
         for method in METHODS:
             missing = missing_files(models_dir, method)
+            if not METHOD_COMPONENTS[method]:
+                self.stdout.write(f"  {method:<16} remote API, no weights (needs a tenant key or GEMINI_API_KEY)")
+                continue
             if not missing:
                 self.stdout.write(f"  {method:<16} ready")
                 continue
