@@ -1,9 +1,11 @@
 """Nearest-character search in pgvector.
 
-Embeddings sit in one untyped `vector` column; each embedder has a partial expression HNSW
-index `((embedding::vector(D)) vector_cosine_ops) WHERE embedder = '<name>'`. The queries below
-repeat exactly that cast and predicate (as literals: both come from the embedder registry,
-never from the request), or PostgreSQL cannot use the index.
+Embeddings sit in one untyped `vector` column (full precision); each embedder has a partial
+expression HNSW index over a half-precision cast,
+`((embedding::halfvec(D)) halfvec_cosine_ops) WHERE embedder = '<name>'` (migration 0004 says
+why). The queries below order by exactly that cast and predicate (as literals: both come from
+the embedder registry, never from the request), or PostgreSQL cannot use the index; the
+similarity of each returned row is computed at full precision.
 
 Tenant filters run with `hnsw.iterative_scan = relaxed_order` (pgvector 0.8): the index keeps
 scanning until enough rows of the tenant are found, so a small tenant inside a large database
@@ -21,7 +23,8 @@ from django.db import connection, transaction
 
 from characters.faces import embedder_infos
 
-EF_SEARCH = 100
+#: candidates the HNSW scan keeps; bench/search.py: identity recall 0.99+ at 100k from 200 on
+EF_SEARCH = 200
 
 
 @dataclass(frozen=True)
@@ -45,26 +48,31 @@ def _checked(embedder: str) -> int:
 def reference_search_sql(embedder: str, *, exclude_character: bool = False) -> str:
     """SQL of the per-reference nearest-neighbour query (also used by EXPLAIN in the tests)."""
     dims = _checked(embedder)
-    cast = f"embedding::vector({dims})"
-    query = f"%(query)s::vector({dims})"
     exclude = "AND character_id <> %(exclude)s" if exclude_character else ""
     return (
-        f"SELECT character_id, reference_id, 1 - ({cast} <=> {query}) AS similarity "
+        f"SELECT character_id, reference_id, {_similarity(dims)} AS similarity "
         f"FROM characters_faceembedding "
         f"WHERE embedder = '{embedder}' AND tenant_id = %(tenant)s {exclude} "
-        f"ORDER BY {cast} <=> {query} LIMIT %(candidates)s"
+        f"ORDER BY {_index_distance(dims)} LIMIT %(candidates)s"
     )
+
+
+def _index_distance(dims: int) -> str:
+    """The expression the HNSW indexes are built on (migration 0004)."""
+    return f"embedding::halfvec({dims}) <=> %(query)s::halfvec({dims})"
+
+
+def _similarity(dims: int) -> str:
+    return f"1 - (embedding::vector({dims}) <=> %(query)s::vector({dims}))"
 
 
 def identity_search_sql(embedder: str) -> str:
     dims = _checked(embedder)
-    cast = f"embedding::vector({dims})"
-    query = f"%(query)s::vector({dims})"
     return (
-        f"SELECT character_id, NULL, 1 - ({cast} <=> {query}) AS similarity "
+        f"SELECT character_id, NULL, {_similarity(dims)} AS similarity "
         f"FROM characters_characteridentity "
         f"WHERE embedder = '{embedder}' AND tenant_id = %(tenant)s AND character_id <> %(exclude)s "
-        f"ORDER BY {cast} <=> {query} LIMIT %(candidates)s"
+        f"ORDER BY {_index_distance(dims)} LIMIT %(candidates)s"
     )
 
 
