@@ -112,3 +112,44 @@ def test_pipeline_cache_keeps_methods_warm_and_evicts_least_recently_used(settin
     squeezed.get("pulid_flux")
     squeezed.get("instantid_sdxl")
     assert "pulid_flux" not in squeezed and "instantid_sdxl" in squeezed
+
+
+class _ExplodingMethod:
+    """Stands in for a loaded method whose generate() fails the way a full GPU does."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def generate(self, request, on_step=None):
+        on_step(1, 2)
+        raise self.error
+
+
+def test_cuda_out_of_memory_fails_the_job_and_frees_the_cache(queued_job, monkeypatch):
+    import torch
+
+    from generation import worker
+
+    cache = worker.pipeline_cache()
+    cleared = []
+    monkeypatch.setattr(cache, "get", lambda key: _ExplodingMethod(torch.cuda.OutOfMemoryError("CUDA out of memory")))
+    monkeypatch.setattr(cache, "clear", lambda: cleared.append(True))
+    assert run_generation_job(queued_job.pk) == JobStatus.FAILED
+    failed = GenerationJob.objects.unscoped().get(pk=queued_job.pk)
+    assert failed.error_code == "gpu_out_of_memory" and cleared == [True]
+    assert not GeneratedImage.objects.unscoped().filter(job=queued_job).exists()
+
+
+def test_a_job_past_its_method_timeout_fails(queued_job, settings):
+    settings.ALKEMY_METHOD_TIMEOUT_SECONDS = 0
+    assert run_generation_job(queued_job.pk) == JobStatus.FAILED
+    assert GenerationJob.objects.unscoped().get(pk=queued_job.pk).error_code == "timeout"
+
+
+def test_an_unexpected_method_error_fails_the_job_not_the_worker(queued_job, monkeypatch):
+    from generation import worker
+
+    monkeypatch.setattr(worker.pipeline_cache(), "get", lambda key: _ExplodingMethod(ValueError("boom")))
+    assert run_generation_job(queued_job.pk) == JobStatus.FAILED
+    failed = GenerationJob.objects.unscoped().get(pk=queued_job.pk)
+    assert failed.error_code == "internal_error" and "boom" in failed.error_message
