@@ -97,8 +97,15 @@ class CharacterAdmin(TenantScopedAdmin):
     list_filter = ["tenant", "is_archived"]
     search_fields = ["name", "slug", "description"]
     prepopulated_fields = {"slug": ["name"]}
-    readonly_fields = ["created_by", "created_by_api_key", "created_at", "updated_at"]
+    readonly_fields = ["generate_link", "created_by", "created_by_api_key", "created_at", "updated_at"]
     inlines = [ReferenceImageInline]
+
+    @admin.display(description="Generate")
+    def generate_link(self, obj):
+        if obj.pk is None:
+            return "Save the character first."
+        url = reverse("admin:characters_character_generate", args=[obj.pk])
+        return format_html('<a class="button" href="{}">Render this character in a new scene…</a>', url)
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(reference_total=Count("references"))
@@ -158,12 +165,55 @@ class CharacterAdmin(TenantScopedAdmin):
                 name="characters_character_find_by_photo",
             ),
             path(
+                "<int:character_id>/generate/",
+                self.admin_site.admin_view(self.generate_view),
+                name="characters_character_generate",
+            ),
+            path(
                 "references/<int:reference_id>/thumbnail.jpg",
                 self.admin_site.admin_view(self.reference_thumbnail_view),
                 name="characters_reference_thumbnail",
             ),
             *super().get_urls(),
         ]
+
+    def generate_view(self, request, character_id: int):
+        """Submit a generation for the character, through the same service as the API."""
+        from django.shortcuts import redirect
+
+        from generation.admin_forms import GenerateForm
+        from generation.jobs import generation_submit
+
+        character = Character.objects.filter(pk=character_id).first()  # scoped to the user's tenants
+        if character is None:
+            raise Http404("No such character.")
+        if not self.has_change_permission(request, character):
+            raise Http404("No such character.")
+        form = GenerateForm(request.POST or None)
+        error = None
+        if request.method == "POST" and form.is_valid():
+            data = form.cleaned_data
+            try:
+                job, _ = generation_submit(
+                    tenant=character.tenant, character=character, method=data["method"], prompt=data["prompt"],
+                    negative_prompt=data["negative_prompt"], width=data["width"], height=data["height"],
+                    steps=data["steps"], seed=data["seed"], num_images=data["num_images"], params=data["params"],
+                    requested_by=request.user,
+                )  # fmt: skip
+            except AlkemyError as exc:
+                error = f"{exc.message} ({exc.code})"
+            else:
+                messages.success(request, f"Generation #{job.pk} queued.")
+                return redirect("admin:generation_generationjob_change", job.pk)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Generate {character.name}",
+            "opts": self.model._meta,
+            "character": character,
+            "form": form,
+            "error": error,
+        }
+        return TemplateResponse(request, "admin/generation/generate.html", context)
 
     def reference_thumbnail_view(self, request, reference_id: int):
         # The admin middleware's scope limits this to the user's tenants.

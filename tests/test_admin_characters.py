@@ -122,3 +122,42 @@ def test_find_character_by_photo(client, staff_of_a, studio_a, astronaut_charact
     assert [r.character.name for r in results] == ["Eileen", "Tom"]
     assert results[0].is_match and not results[1].is_match
     assert "thumbnail.jpg?face=1" in response.content.decode()
+
+
+def test_staff_submit_a_generation_from_the_character_page(client, staff_of_a, astronaut_character, settings):
+    from generation.models import GenerationJob
+
+    client.force_login(staff_of_a)
+    page = client.get(f"/admin/characters/character/{astronaut_character.pk}/change/").content.decode()
+    assert f"/admin/characters/character/{astronaut_character.pk}/generate/" in page
+    url = f"/admin/characters/character/{astronaut_character.pk}/generate/"
+    assert client.get(url).status_code == 200
+    bad = client.post(url, {"method": "pulid_flux", "prompt": "x", "width": 100, "height": 64, "num_images": 1,
+                            "params": "{}"})  # fmt: skip
+    assert bad.status_code == 200 and "multiple of 16" in bad.content.decode()
+    response = client.post(url, {"method": "pulid_flux", "prompt": "in a forest", "width": 64, "height": 64,
+                                 "steps": 2, "num_images": 1, "params": '{"id_weight": 0.8}'})  # fmt: skip
+    job = GenerationJob.objects.unscoped().get()
+    assert response.status_code == 302 and response["Location"].endswith(
+        f"/admin/generation/generationjob/{job.pk}/change/"
+    )
+    assert job.requested_by == staff_of_a and job.params == {"id_weight": 0.8}
+    assert client.get(response["Location"]).status_code == 200
+
+
+def test_tenant_owner_sets_the_gemini_key_in_admin(client, studio_a):
+    from django.contrib.auth import get_user_model
+
+    from alkemy.tenancy.models import Tenant
+    from alkemy.tenancy.services import membership_set, tenant_gemini_key
+
+    owner = get_user_model().objects.create_user("olga", password="pw-olga-12345", is_staff=True)
+    membership_set(tenant=studio_a.tenant, user=owner, role="owner")
+    client.force_login(owner)
+    key = "AIzaSyADMIN-0123456789abcdefghijklmnop"
+    response = client.post(f"/admin/tenancy/tenant/{studio_a.tenant.pk}/change/",
+                           {"name": "Studio A", "gemini_api_key": key})  # fmt: skip
+    assert response.status_code == 302
+    assert tenant_gemini_key(Tenant.objects.get(pk=studio_a.tenant.pk)) == key
+    page = client.get(f"/admin/tenancy/tenant/{studio_a.tenant.pk}/change/").content.decode()
+    assert key not in page and "AIza…mnop" in page

@@ -1,3 +1,4 @@
+from django import forms
 from django.contrib import admin, messages
 from django.utils import timezone
 
@@ -15,8 +16,23 @@ class MembershipInline(admin.TabularInline):
         return Membership.objects.unscoped().select_related("user")
 
 
+class TenantForm(forms.ModelForm):
+    gemini_api_key = forms.CharField(
+        required=False,
+        strip=True,
+        widget=forms.PasswordInput(render_value=False),
+        help_text="The studio's own Gemini API key (stored encrypted). Leave empty to keep the current one.",
+    )
+    clear_gemini_api_key = forms.BooleanField(required=False, help_text="Remove the key: the global one is used.")
+
+    class Meta:
+        model = Tenant
+        fields = ["slug", "name", "is_active"]
+
+
 @admin.register(Tenant)
 class TenantAdmin(admin.ModelAdmin):
+    form = TenantForm
     list_display = ["slug", "name", "is_active", "created_at"]
     list_filter = ["is_active"]
     search_fields = ["slug", "name"]
@@ -32,7 +48,30 @@ class TenantAdmin(admin.ModelAdmin):
         return queryset.filter(pk__in=list(_roles_by_tenant(request)))
 
     def get_readonly_fields(self, request, obj=None):
-        return [] if request.user.is_superuser else ["slug", "is_active"]
+        masked = ["gemini_key_in_use"]
+        return masked if request.user.is_superuser else [*masked, "slug", "is_active"]
+
+    @admin.display(description="Gemini key in use")
+    def gemini_key_in_use(self, obj):
+        from alkemy.crypto import decrypt, mask
+
+        if obj is None or not obj.gemini_api_key_encrypted:
+            return "the global key (GEMINI_API_KEY / GOOGLE_API_KEY)"
+        return mask(decrypt(obj.gemini_api_key_encrypted))
+
+    def save_model(self, request, obj, form, change):
+        from alkemy.errors import AlkemyError
+        from alkemy.tenancy.services import tenant_set_gemini_key
+
+        super().save_model(request, obj, form, change)
+        new_key = form.cleaned_data.get("gemini_api_key")
+        if form.cleaned_data.get("clear_gemini_api_key"):
+            tenant_set_gemini_key(tenant=obj, api_key="")
+        elif new_key:
+            try:
+                tenant_set_gemini_key(tenant=obj, api_key=new_key)
+            except AlkemyError as exc:
+                messages.error(request, exc.message)
 
     def has_module_permission(self, request):
         return request.user.is_superuser or bool(_roles_by_tenant(request))
