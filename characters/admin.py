@@ -11,7 +11,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 
 from alkemy.errors import AlkemyError
-from alkemy.tenancy.admin_base import TenantScopedAdmin, _roles_by_tenant
+from alkemy.tenancy.admin_base import TenantScopedAdmin, TenantScopedInline, _roles_by_tenant
 from alkemy.tenancy.models import Tenant
 from characters.models import Character, ReferenceImage
 from characters.services import character_delete, faces_search, reference_add, reference_delete
@@ -47,7 +47,7 @@ def thumbnail_url(reference: ReferenceImage, *, size: int, face: bool = False) -
     return f"{url}?size={size}" + ("&face=1" if face else "")
 
 
-class ReferenceImageInline(admin.TabularInline):
+class ReferenceImageInline(TenantScopedInline, admin.TabularInline):
     model = ReferenceImage
     extra = 0
     can_delete = True

@@ -3,12 +3,12 @@ from django.http import FileResponse, Http404
 from django.urls import path, reverse
 from django.utils.html import format_html
 
-from alkemy.tenancy.admin_base import TenantScopedAdmin
+from alkemy.tenancy.admin_base import TenantScopedAdmin, TenantScopedInline
 from generation.jobs import generation_cancel
 from generation.models import GeneratedImage, GenerationJob
 
 
-class GeneratedImageInline(admin.TabularInline):
+class GeneratedImageInline(TenantScopedInline, admin.TabularInline):
     model = GeneratedImage
     extra = 0
     can_delete = False

@@ -153,3 +153,23 @@ def test_an_unexpected_method_error_fails_the_job_not_the_worker(queued_job, mon
     assert run_generation_job(queued_job.pk) == JobStatus.FAILED
     failed = GenerationJob.objects.unscoped().get(pk=queued_job.pk)
     assert failed.error_code == "internal_error" and "boom" in failed.error_message
+
+
+def test_admin_job_page_shows_outputs_to_the_tenants_staff_only(client, queued_job, staff_of_a, studio_b):
+    from django.contrib.auth import get_user_model
+
+    from alkemy.tenancy.services import membership_set
+
+    assert run_generation_job(queued_job.pk) == JobStatus.SUCCEEDED
+    output = GeneratedImage.objects.unscoped().get(job=queued_job)
+    client.force_login(staff_of_a)
+    page = client.get(f"/admin/generation/generationjob/{queued_job.pk}/change/").content.decode()
+    image_url = f"/admin/generation/generationjob/outputs/{output.pk}/image.png"
+    assert image_url in page and "no_face" in page
+    assert client.get(image_url)["Content-Type"] == "image/png"
+
+    outsider = get_user_model().objects.create_user("bob", password="pw-bob-12345", is_staff=True)
+    membership_set(tenant=studio_b.tenant, user=outsider)
+    client.force_login(outsider)
+    assert client.get(image_url).status_code == 404
+    assert client.get(f"/admin/generation/generationjob/{queued_job.pk}/change/").status_code == 302

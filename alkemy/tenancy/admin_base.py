@@ -81,3 +81,14 @@ class TenantScopedAdmin(admin.ModelAdmin):
         if "tenant" not in initial and len(writable) == 1:
             initial["tenant"] = next(iter(writable))
         return initial
+
+
+class TenantScopedInline:
+    """Mixin for inlines of a TenantScopedAdmin: membership, not Django's model permissions,
+    decides who may see them (the parent page is already limited to the user's tenants)."""
+
+    def has_view_permission(self, request, obj=None):
+        if request.user.is_superuser:
+            return True
+        roles = _roles_by_tenant(request)
+        return bool(roles) if obj is None else getattr(obj, "tenant_id", None) in roles

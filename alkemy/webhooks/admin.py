@@ -1,7 +1,7 @@
 from django import forms
 from django.contrib import admin
 
-from alkemy.tenancy.admin_base import TenantScopedAdmin
+from alkemy.tenancy.admin_base import TenantScopedAdmin, TenantScopedInline
 from alkemy.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
 
@@ -38,7 +38,7 @@ class WebhookEndpointAdmin(TenantScopedAdmin):
         super().save_model(request, obj, form, change)
 
 
-class WebhookAttemptInline(admin.TabularInline):
+class WebhookAttemptInline(TenantScopedInline, admin.TabularInline):
     model = WebhookAttempt
     extra = 0
     can_delete = False
