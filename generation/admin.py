@@ -34,6 +34,17 @@ class GenerationJobAdmin(TenantScopedAdmin):
     list_filter = ["status", "method", "tenant"]
     search_fields = ["prompt", "character__name"]
     readonly_fields = [f.name for f in GenerationJob._meta.fields] + ["queue_wait_seconds", "run_seconds"]
+    fieldsets = [
+        ("Status", {"fields": ["status", "progress", ("current_step", "total_steps"), "cancel_requested",
+                               ("error_code", "error_message"), "error_details"]}),
+        ("Request", {"fields": ["tenant", "character", "method", "prompt", "negative_prompt", ("width", "height"),
+                                ("steps", "guidance", "seed", "num_images"), "params", ("lora", "style_lora"),
+                                ("requested_by", "requested_by_api_key"), "idempotency_key"]}),
+        ("Run", {"fields": [("queued_at", "started_at", "finished_at"), ("queue_wait_seconds", "run_seconds"),
+                            ("device", "device_seconds"), "usage", "embedder"]}),
+        ("Worker and lease", {"classes": ["collapse"],
+                              "fields": ["attempt", "worker", "lease_expires_at", "heartbeat_at", "request_hash"]}),
+    ]  # fmt: skip
     inlines = [GeneratedImageInline]
     actions = ["cancel"]
 

@@ -59,7 +59,7 @@ class GenerationJob(Job):
         indexes = [models.Index(fields=["tenant", "status", "queued_at"], name="generation_tenant_status_idx")]
 
     def __str__(self) -> str:
-        return f"{self.method} #{self.pk} of {self.character_id} ({self.status})"
+        return f"Generation #{self.pk} ({self.method}, {self.status})"
 
 
 def output_upload_to(instance: "GeneratedImage", filename: str) -> str:

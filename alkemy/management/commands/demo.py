@@ -140,7 +140,7 @@ class Command(BaseCommand):
              "width": 256, "height": 256, "steps": 8, "seed": 42},
         )  # fmt: skip
         self.stdout.write(
-            f"\nGeneration #{job['id']} ({job['method']}) of {character['name']} submitted through the API:"
+            f"\nGeneration #{job['id']} ({job['method']}) of {character['name']} submitted via the API:"
         )
         last = None
         deadline = time.monotonic() + 600
