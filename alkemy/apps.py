@@ -6,3 +6,6 @@ class AlkemyConfig(AppConfig):
 
     name = "alkemy"
     verbose_name = "Alkemy Cast"
+
+    def ready(self) -> None:
+        from alkemy.api import schema  # noqa: F401  (registers the OpenAPI auth extension)

@@ -154,6 +154,7 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "SCHEMA_PATH_PREFIX": r"/api/v1",
     "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {"BaseModelEnum": "training.models.BaseModel"},
 }
 
 # Queue: django-q2. The ORM broker (same PostgreSQL) by default; Redis when REDIS_URL is set.

@@ -43,7 +43,7 @@ class CharacterViewSet(TenantModelViewSet):
     ordering_fields = ["name", "created_at", "updated_at"]
     ordering = ["name"]
 
-    def get_queryset(self):
+    def tenant_queryset(self):
         return selectors.character_list(tenant=self.tenant)
 
     def get_object(self):
@@ -113,7 +113,7 @@ class ReferenceViewSet(TenantViewSet):
     def character(self):
         return selectors.character_get(tenant=self.tenant, character_id=self.kwargs["character_pk"])
 
-    def get_queryset(self):
+    def tenant_queryset(self):
         return selectors.reference_list(character=self.character())
 
     @extend_schema(summary="List reference photos", responses=ReferenceImageSerializer(many=True))

@@ -11,6 +11,7 @@ from alkemy.errors import NotFound
 from alkemy.tenancy.authentication import ApiKeyPrincipal
 from characters.selectors import character_get
 from generation import jobs
+from generation.filters import GenerationFilter
 from generation.models import GeneratedImage, GenerationJob
 from generation.serializers import GenerationCreateSerializer, GenerationJobSerializer
 
@@ -27,11 +28,11 @@ class GenerationViewSet(TenantViewSet, mixins.ListModelMixin, mixins.RetrieveMod
     """Generation jobs of the tenant. Filter with `?character=`, `?status=`, `?method=`."""
 
     serializer_class = GenerationJobSerializer
-    filterset_fields = ["character", "status", "method"]
+    filterset_class = GenerationFilter
     ordering_fields = ["queued_at", "finished_at"]
     ordering = ["-queued_at"]
 
-    def get_queryset(self):
+    def tenant_queryset(self):
         return GenerationJob.objects.filter(tenant=self.tenant).prefetch_related("outputs")
 
     def get_object(self):

@@ -27,8 +27,25 @@ def test_schema_is_valid_openapi_3():
     spec = yaml.safe_load(response.content)
     assert spec["openapi"].startswith("3.")
     validate(spec)
-    assert "/api/v1/characters" in spec["paths"]
-    assert "/api/v1/characters/{id}" in spec["paths"]
+    for path in (
+        "/api/v1/characters",
+        "/api/v1/characters/{id}",
+        "/api/v1/characters/{character_pk}/references",
+        "/api/v1/search/faces",
+        "/api/v1/generations",
+        "/api/v1/generations/{id}/cancel",
+        "/api/v1/webhooks",
+        "/api/v1/characters/{character_pk}/loras",
+        "/api/v1/tenant",
+    ):
+        assert path in spec["paths"], path
+    assert spec["components"]["securitySchemes"]["ApiKeyAuth"] == {
+        "type": "apiKey",
+        "in": "header",
+        "name": "Authorization",
+        "description": spec["components"]["securitySchemes"]["ApiKeyAuth"]["description"],
+    }
+    assert spec["paths"]["/api/v1/generations/{id}"]["get"]["parameters"][0]["schema"]["type"] == "integer"
 
 
 def test_swagger_ui_is_served():

@@ -23,7 +23,7 @@ class LoraArtifactSerializer(serializers.ModelSerializer):
 
 class LoraUploadSerializer(serializers.Serializer):
     file = serializers.FileField(allow_empty_file=True, help_text="A .safetensors LoRA (diffusers/peft or kohya keys)")
-    base_model = serializers.ChoiceField(choices=BaseModel.values)
+    base_model = serializers.ChoiceField(choices=BaseModel.choices)
     trigger_token = serializers.CharField(required=False, allow_blank=True, default="", max_length=100)
     select = serializers.BooleanField(required=False, default=True)
 
@@ -38,7 +38,7 @@ class StyleLoraSerializer(serializers.ModelSerializer):
 class StyleLoraUploadSerializer(serializers.Serializer):
     file = serializers.FileField(allow_empty_file=True)
     name = serializers.CharField(max_length=100)
-    base_model = serializers.ChoiceField(choices=BaseModel.values)
+    base_model = serializers.ChoiceField(choices=BaseModel.choices)
     trigger_token = serializers.CharField(required=False, allow_blank=True, default="", max_length=100)
 
 
@@ -56,7 +56,7 @@ class CharacterLoraViewSet(TenantViewSet):
     def character(self):
         return character_get(tenant=self.tenant, character_id=self.kwargs["character_pk"])
 
-    def get_queryset(self):
+    def tenant_queryset(self):
         return LoraArtifact.objects.filter(tenant=self.tenant, character=self.character())
 
     def artifact(self, pk) -> LoraArtifact:
@@ -100,7 +100,7 @@ class StyleLoraViewSet(TenantViewSet):
     parser_classes = [MultiPartParser, FormParser]
     pagination_class = None
 
-    def get_queryset(self):
+    def tenant_queryset(self):
         return StyleLora.objects.filter(tenant=self.tenant)
 
     def list(self, request):

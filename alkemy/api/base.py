@@ -62,6 +62,15 @@ class TenantScopedMixin:
     tenant: Tenant
     role: str
 
+    def get_queryset(self):
+        if getattr(self, "swagger_fake_view", False):  # drf-spectacular building the schema: no tenant
+            return self.get_serializer_class().Meta.model._base_manager.none()
+        return self.tenant_queryset()
+
+    def tenant_queryset(self):
+        """The endpoint's rows of `self.tenant` (subclasses implement it through a selector)."""
+        raise NotImplementedError
+
     def dispatch(self, request, *args, **kwargs):
         self._scope_token = None
         try:
@@ -83,7 +92,7 @@ class TenantAPIView(TenantScopedMixin, APIView):
 
 
 class TenantViewSet(TenantScopedMixin, viewsets.GenericViewSet):
-    """Subclasses implement `get_queryset()` from `self.tenant` (via a selector)."""
+    """Subclasses implement `tenant_queryset()` from `self.tenant` (via a selector)."""
 
 
 class TenantModelViewSet(

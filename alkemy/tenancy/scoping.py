@@ -89,6 +89,10 @@ class TenantScopedManager(models.Manager):
             return queryset
         return queryset.filter(**{f"{self.model.tenant_field}__in": scope.tenant_ids})
 
+    def none(self) -> models.QuerySet:
+        """An empty queryset needs no scope (schema generators and filters ask for one)."""
+        return super().get_queryset().none()
+
     def unscoped(self) -> models.QuerySet:
         """Every tenant's rows. Callers must filter by tenant themselves."""
         return super().get_queryset()

@@ -45,7 +45,7 @@ class WebhookEndpointViewSet(TenantModelViewSet):
     write_roles = MANAGE_ROLES
     pagination_class = None
 
-    def get_queryset(self):
+    def tenant_queryset(self):
         return WebhookEndpoint.objects.filter(tenant=self.tenant)
 
     def get_object(self):
