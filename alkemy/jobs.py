@@ -190,6 +190,12 @@ def job_requeue_or_fail(model: type[Job], job: Job, *, max_attempts: int) -> str
     rows = model.objects.unscoped().filter(
         pk=job.pk, status=JobStatus.RUNNING, worker=job.worker, lease_expires_at__lt=timezone.now()
     )
+    if job.cancel_requested:  # its worker died before it could stop it: nothing left to run
+        changed = rows.update(
+            status=JobStatus.CANCELED, finished_at=timezone.now(), lease_expires_at=None, error_code="canceled",
+            error_message="Canceled; its worker stopped responding before it could stop.",
+        )  # fmt: skip
+        return JobStatus.CANCELED if changed else None
     if job.attempt < max_attempts:
         changed = rows.update(
             status=JobStatus.QUEUED,

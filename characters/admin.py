@@ -11,7 +11,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 
 from alkemy.errors import AlkemyError
-from alkemy.tenancy.admin_base import TenantScopedAdmin, TenantScopedInline, _roles_by_tenant
+from alkemy.tenancy.admin_base import TENANT_FILTER, TenantScopedAdmin, TenantScopedInline, _roles_by_tenant
 from alkemy.tenancy.models import Tenant
 from characters.models import Character, ReferenceImage
 from characters.services import character_delete, faces_search, reference_add, reference_delete
@@ -94,7 +94,7 @@ class CharacterAdmin(TenantScopedAdmin):
     form = CharacterForm
     list_display = ["face", "name", "tenant", "reference_count", "tag_list", "is_archived", "updated_at"]
     list_display_links = ["face", "name"]
-    list_filter = ["tenant", "is_archived"]
+    list_filter = [TENANT_FILTER, "is_archived"]
     search_fields = ["name", "slug", "description"]
     prepopulated_fields = {"slug": ["name"]}
     readonly_fields = ["generate_link", "created_by", "created_by_api_key", "created_at", "updated_at"]

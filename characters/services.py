@@ -106,8 +106,15 @@ def character_update(*, character: Character, **changes) -> Character:
 
 
 def character_delete(*, character: Character) -> None:
-    """Delete the character with its references, embeddings and identity; files go after commit."""
-    file_names = list(ReferenceImage.objects.unscoped().filter(character=character).values_list("file", flat=True))
+    """Delete the character with its references, generations, LoRAs and their files (after commit)."""
+    from generation.models import GeneratedImage
+    from training.models import LoraArtifact
+
+    file_names = [
+        *ReferenceImage.objects.unscoped().filter(character=character).values_list("file", flat=True),
+        *GeneratedImage.objects.unscoped().filter(job__character=character).values_list("file", flat=True),
+        *LoraArtifact.objects.unscoped().filter(character=character).values_list("file", flat=True),
+    ]
     with transaction.atomic():
         character.delete()
         transaction.on_commit(lambda: [default_storage.delete(name) for name in file_names])

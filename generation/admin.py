@@ -3,7 +3,7 @@ from django.http import FileResponse, Http404
 from django.urls import path, reverse
 from django.utils.html import format_html
 
-from alkemy.tenancy.admin_base import TenantScopedAdmin, TenantScopedInline
+from alkemy.tenancy.admin_base import TENANT_FILTER, TenantScopedAdmin, TenantScopedInline
 from generation.jobs import generation_cancel
 from generation.models import GeneratedImage, GenerationJob
 
@@ -31,7 +31,7 @@ class GeneratedImageInline(TenantScopedInline, admin.TabularInline):
 class GenerationJobAdmin(TenantScopedAdmin):
     list_display = ["id", "character", "method", "status", "progress_percent", "attempt", "tenant", "queued_at",
                     "device_seconds"]  # fmt: skip
-    list_filter = ["status", "method", "tenant"]
+    list_filter = ["status", "method", TENANT_FILTER]
     search_fields = ["prompt", "character__name"]
     readonly_fields = [f.name for f in GenerationJob._meta.fields] + ["queue_wait_seconds", "run_seconds"]
     fieldsets = [
@@ -57,6 +57,7 @@ class GenerationJobAdmin(TenantScopedAdmin):
 
     @admin.action(description="Cancel selected jobs", permissions=["change"])
     def cancel(self, request, queryset):
+        queryset = self.editable_queryset(request, queryset)  # not the tenants where the user only views
         for job in queryset:
             generation_cancel(job=job)
         messages.info(request, f"Cancel requested for {queryset.count()} job(s).")

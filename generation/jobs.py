@@ -17,6 +17,12 @@ from generation.methods import DEFAULT_METHOD, DEFAULT_STEPS, IDENTITY_METHODS, 
 from generation.models import GenerationJob
 
 GPU_CLUSTER = "gpu"
+MAX_SEED = 2**31 - 1  # Gemini and several schedulers take 32-bit seeds
+MAX_IDEMPOTENCY_KEY_LENGTH = 200
+#: filled in by the worker from the database, never taken from a request
+RESERVED_PARAMS = frozenset(
+    {"lora_path", "lora_id", "style_lora_path", "style_lora_id", "base_model", "trigger_token", "style_trigger_token"}
+)
 
 
 def _invalid(message: str, field: str, code: str = "invalid_parameter") -> AlkemyError:
@@ -75,7 +81,15 @@ def generation_submit(
         raise _invalid(f"num_images must be between 1 and {settings.ALKEMY_MAX_NUM_IMAGES}.", "num_images")
     if guidance is not None and not 0 <= guidance <= 30:
         raise _invalid("guidance must be between 0 and 30.", "guidance")
-    params = dict(params or {})
+    params = _checked_params(params)
+    if seed is not None and not 0 <= seed <= MAX_SEED - (num_images - 1):
+        raise _invalid(f"seed must be between 0 and {MAX_SEED - (num_images - 1)}.", "seed")
+    if idempotency_key is not None and len(idempotency_key) > MAX_IDEMPOTENCY_KEY_LENGTH:
+        raise _invalid(
+            f"The Idempotency-Key header is longer than {MAX_IDEMPOTENCY_KEY_LENGTH} characters.",
+            "Idempotency-Key",
+            "invalid_idempotency_key",
+        )
     embedder = resolve_embedder_name()
     lora, style_lora = (None, None)
     if method == "lora":
@@ -89,7 +103,7 @@ def generation_submit(
             status_code=422,
         )
     if seed is None:
-        seed = secrets.randbelow(2**31)
+        seed = secrets.randbelow(MAX_SEED - num_images + 2)
 
     if idempotency_key:
         existing = _idempotent_match(tenant, idempotency_key, fingerprint)
@@ -130,11 +144,39 @@ def generation_submit(
     return job, True
 
 
+def _checked_params(params) -> dict:
+    """Method parameters: a JSON object of plain values, without the keys the worker fills in."""
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise _invalid("params must be a JSON object.", "params")
+    reserved = sorted(RESERVED_PARAMS & set(params))
+    if reserved:
+        raise _invalid(f"params may not set {', '.join(reserved)}; they come from the character's LoRA.", "params")
+
+    def walk(value) -> None:
+        if isinstance(value, str) and "\x00" in value:
+            raise _invalid("params may not contain NUL characters.", "params")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(key)
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(params)
+    for name in ("lora_version", "style_lora"):
+        if name in params and (isinstance(params[name], bool) or not isinstance(params[name], int)):
+            raise _invalid(f"params.{name} must be an integer.", f"params.{name}")
+    return dict(params)
+
+
 def _resolve_loras(character: Character, params: dict):
     """The character's LoRA (selected, or `params["lora_version"]`) and an optional style LoRA."""
     from training.models import LoraArtifact, StyleLora
 
-    loras = LoraArtifact.objects.unscoped().filter(character=character)
+    loras = LoraArtifact.objects.unscoped().filter(tenant_id=character.tenant_id, character=character)
     version = params.get("lora_version")
     lora = loras.filter(version=version).first() if version is not None else loras.filter(is_selected=True).first()
     if lora is None:

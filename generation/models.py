@@ -35,7 +35,7 @@ class GenerationJob(Job):
     device_seconds = models.FloatField(null=True, blank=True, help_text="Time the method held the device")
     usage = models.JSONField(default=dict, blank=True, help_text="Metered quantities (tokens, images) to price")
     lora = models.ForeignKey(
-        "training.LoraArtifact", null=True, blank=True, on_delete=models.PROTECT, related_name="generation_jobs"
+        "training.LoraArtifact", null=True, blank=True, on_delete=models.SET_NULL, related_name="generation_jobs"
     )
     style_lora = models.ForeignKey(
         "training.StyleLora", null=True, blank=True, on_delete=models.SET_NULL, related_name="generation_jobs"

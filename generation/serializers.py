@@ -14,7 +14,7 @@ class GenerationCreateSerializer(serializers.Serializer):
     height = serializers.IntegerField(required=False, default=1024)
     steps = serializers.IntegerField(required=False, allow_null=True, default=None)
     guidance = serializers.FloatField(required=False, allow_null=True, default=None)
-    seed = serializers.IntegerField(required=False, allow_null=True, default=None, min_value=0, max_value=2**63 - 1)
+    seed = serializers.IntegerField(required=False, allow_null=True, default=None, min_value=0, max_value=2**31 - 1)
     num_images = serializers.IntegerField(required=False, default=1)
     params = serializers.DictField(required=False, default=dict, help_text="Method parameters, e.g. id_weight")
 

@@ -23,7 +23,7 @@ def reap_jobs() -> dict:
     """Default cluster, every minute: re-queue jobs whose worker stopped heartbeating, or fail them."""
     from generation.jobs import enqueue, notify
 
-    counts = {"requeued": 0, "failed": 0}
+    counts = {"requeued": 0, "failed": 0, "canceled": 0}
     for job in jobs_expired(GenerationJob):
         outcome = job_requeue_or_fail(GenerationJob, job, max_attempts=settings.ALKEMY_JOB_MAX_ATTEMPTS)
         if outcome == JobStatus.QUEUED:
@@ -31,9 +31,9 @@ def reap_jobs() -> dict:
             logger.warning("job %s: worker %s lost, re-queued (attempt %s)", job.pk, job.worker, job.attempt)
             notify(job, JobStatus.QUEUED)
             enqueue(job.pk)
-        elif outcome == JobStatus.FAILED:
-            counts["failed"] += 1
-            notify(job, JobStatus.FAILED)
+        elif outcome in (JobStatus.FAILED, JobStatus.CANCELED):
+            counts[outcome] += 1
+            notify(job, outcome)
     return counts
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -155,6 +156,29 @@ def pipeline_cache() -> PipelineCache:
 # --- one job ----------------------------------------------------------------------------------
 
 
+class LeaseKeeper(threading.Thread):
+    """Renews the job's lease in the background for the whole run, not only between denoising
+    steps: loading real weights or waiting for a remote API can take longer than a lease."""
+
+    def __init__(self, job_id: int, worker: str) -> None:
+        super().__init__(name=f"lease-{job_id}", daemon=True)
+        self.job_id, self.worker = job_id, worker
+        self.interval = max(settings.ALKEMY_JOB_LEASE_SECONDS / 3, 0.5)
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self._stopped.wait(self.interval):
+                mine, _ = job_heartbeat(GenerationJob, self.job_id, worker=self.worker)
+                if not mine:
+                    return  # finished, canceled or taken over: the step guard acts on it
+        finally:
+            connection.close()  # this thread's own database connection
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
 @dataclass
 class StepGuard:
     """on_step callback: cancellation, timeout, progress + heartbeat at most once a second."""
@@ -240,12 +264,20 @@ def run_job(job_id: int) -> str:
 
 
 def _run_claimed(job: GenerationJob, me: str) -> str:
+    guard = StepGuard(job.pk, me, settings.ALKEMY_METHOD_TIMEOUT_SECONDS, time.monotonic())
+    keeper = LeaseKeeper(job.pk, me)
+    keeper.start()
+    try:
+        return _generate_and_store(job, me, guard)
+    finally:
+        keeper.stop()
+
+
+def _generate_and_store(job: GenerationJob, me: str, guard: StepGuard) -> str:
     import torch
 
     from generation.services import generate_for_character
 
-    started = time.monotonic()
-    guard = StepGuard(job.pk, me, settings.ALKEMY_METHOD_TIMEOUT_SECONDS, started)
     device_seconds = 0.0
     try:
         method = pipeline_cache().get(job.method)
@@ -290,16 +322,19 @@ def _run_claimed(job: GenerationJob, me: str) -> str:
 
 def run_params(job: GenerationJob) -> dict:
     """The method parameters of a run: the job's own, plus the LoRA files it refers to."""
-    params = dict(job.params)
+    from generation.jobs import RESERVED_PARAMS
+
+    params = {key: value for key, value in job.params.items() if key not in RESERVED_PARAMS}
     if job.lora_id:
         lora = job.lora
         params.update(
-            base_model=lora.base_model, lora_path=local_path(lora.file), lora_id=f"artifact-{lora.pk}",
+            # the id names the exact file: warm adapters are reused only for the very same weights
+            base_model=lora.base_model, lora_path=local_path(lora.file), lora_id=f"artifact-{lora.pk}-{lora.sha256}",
             trigger_token=lora.trigger_token,
         )  # fmt: skip
         if job.style_lora_id:
             style = job.style_lora
-            params.update(style_lora_path=local_path(style.file), style_lora_id=f"style-{style.pk}")
+            params.update(style_lora_path=local_path(style.file), style_lora_id=f"style-{style.pk}-{style.sha256}")
             if style.trigger_token:
                 params.setdefault("style_trigger_token", style.trigger_token)
     return params

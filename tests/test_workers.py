@@ -90,3 +90,27 @@ def test_killed_worker_job_is_requeued_and_finished_once(api_a, eileen, gpu_clus
     finished = job(job_id)
     assert finished.status == JobStatus.SUCCEEDED and finished.attempt == 2
     assert GeneratedImage.objects.unscoped().filter(job_id=job_id).count() == 2  # one set of outputs
+
+
+def test_lease_is_renewed_while_a_method_loads(eileen, studio_a, settings, monkeypatch):
+    """Loading real weights can outlast a lease: the background keeper renews it meanwhile."""
+    import time
+
+    from generation import worker
+    from generation.jobs import generation_submit
+
+    settings.ALKEMY_JOB_LEASE_SECONDS = 1
+    job_row, _ = generation_submit(tenant=studio_a.tenant, character=eileen, prompt="x", width=64, height=64, steps=2)
+    real_get = worker.PipelineCache.get
+    leases = []
+
+    def slow_get(cache, key):
+        for _ in range(4):  # 2 s of "loading", twice the lease
+            time.sleep(0.5)
+            leases.append(job(job_row.pk).lease_expires_at)
+        return real_get(cache, key)
+
+    monkeypatch.setattr(worker.PipelineCache, "get", slow_get)
+    assert worker.run_job(job_row.pk) == JobStatus.SUCCEEDED
+    assert len(set(leases)) > 1 and leases[-1] > leases[0]  # extended during the load
+    assert reap_jobs()["requeued"] == 0

@@ -60,7 +60,8 @@ class CharacterLoraViewSet(TenantViewSet):
         return LoraArtifact.objects.filter(tenant=self.tenant, character=self.character())
 
     def artifact(self, pk) -> LoraArtifact:
-        found = self.get_queryset().filter(pk=pk).first() if str(pk).isdigit() else None
+        pk = str(pk)
+        found = self.get_queryset().filter(pk=int(pk)).first() if pk.isascii() and pk.isdigit() else None
         if found is None:
             raise NotFound("No such LoRA version.", code="lora_not_found")
         return found

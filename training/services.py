@@ -85,17 +85,23 @@ def lora_select(*, artifact: LoraArtifact) -> LoraArtifact:
 
 
 def lora_delete(*, artifact: LoraArtifact) -> None:
-    from django.db.models import ProtectedError
+    """Delete a LoRA version (finished jobs keep their outputs); refused while jobs wait to use it."""
+    from alkemy.jobs import JobStatus
+    from generation.models import GenerationJob
 
-    name = artifact.file.name
-    try:
-        with transaction.atomic():
-            artifact.delete()
-            transaction.on_commit(lambda: default_storage.delete(name))
-    except ProtectedError:
+    pending = GenerationJob.objects.unscoped().filter(
+        lora=artifact, status__in=[JobStatus.QUEUED, JobStatus.RUNNING]
+    )
+    if pending.exists():
         raise Conflict(
-            "Generations refer to this LoRA version; it cannot be deleted.", code="lora_in_use", field="lora"
-        ) from None
+            "Queued or running generations use this LoRA version; cancel them or let them finish first.",
+            code="lora_in_use",
+            field="lora",
+        )
+    name = artifact.file.name
+    with transaction.atomic():
+        artifact.delete()
+        transaction.on_commit(lambda: default_storage.delete(name))
 
 
 def style_lora_upload(*, tenant: Tenant, upload, name: str, base_model: str, trigger_token: str = "") -> StyleLora:

@@ -2,7 +2,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.utils import timezone
 
-from alkemy.tenancy.admin_base import TenantScopedAdmin, _roles_by_tenant, writable_tenant_ids
+from alkemy.tenancy.admin_base import TENANT_FILTER, TenantScopedAdmin, _roles_by_tenant
 from alkemy.tenancy.models import MANAGE_ROLES, ApiKey, Membership, Tenant
 from alkemy.tenancy.services import api_key_create
 
@@ -101,7 +101,7 @@ class TenantAdmin(admin.ModelAdmin):
 @admin.register(Membership)
 class MembershipAdmin(TenantScopedAdmin):
     list_display = ["user", "tenant", "role", "created_at"]
-    list_filter = ["role", "tenant"]
+    list_filter = ["role", TENANT_FILTER]
     search_fields = ["user__username", "user__email", "tenant__slug"]
     autocomplete_fields = ["user"]
 
@@ -125,8 +125,9 @@ class MembershipAdmin(TenantScopedAdmin):
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(TenantScopedAdmin):
+    manage_only = True  # keys are credentials: owners and admins only
     list_display = ["name", "tenant", "role", "display_prefix", "created_at", "last_used_at", "revoked_at"]
-    list_filter = ["tenant", "role"]
+    list_filter = [TENANT_FILTER, "role"]
     search_fields = ["name", "prefix", "tenant__slug"]
     readonly_fields = ["display_prefix", "created_by", "created_at", "last_used_at"]
     fields = ["tenant", "name", "role", "display_prefix", "created_by", "created_at", "last_used_at", "revoked_at"]
@@ -151,7 +152,6 @@ class ApiKeyAdmin(TenantScopedAdmin):
 
     @admin.action(description="Revoke selected API keys", permissions=["change"])
     def revoke(self, request, queryset):
-        if not request.user.is_superuser:
-            queryset = queryset.filter(tenant__in=writable_tenant_ids(request))
+        queryset = self.editable_queryset(request, queryset)
         count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
         self.message_user(request, f"Revoked {count} key(s).")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from django.contrib import admin
 
-from alkemy.tenancy.models import WRITE_ROLES, Membership, Tenant
+from alkemy.tenancy.models import MANAGE_ROLES, WRITE_ROLES, Membership, Tenant
 
 
 def _roles_by_tenant(request) -> dict[int, str]:
@@ -26,9 +26,23 @@ def writable_tenant_ids(request) -> set[int]:
     return {tid for tid, role in _roles_by_tenant(request).items() if role in WRITE_ROLES}
 
 
+def managed_tenant_ids(request) -> set[int]:
+    """Tenants where the user is owner or admin (API keys, webhooks, memberships)."""
+    return {tid for tid, role in _roles_by_tenant(request).items() if role in MANAGE_ROLES}
+
+
+#: a tenant filter that lists only the tenants present in the (already scoped) changelist
+TENANT_FILTER = ("tenant", admin.RelatedOnlyFieldListFilter)
+
+
 class TenantScopedAdmin(admin.ModelAdmin):
     #: lookup from this model to its tenant id
     tenant_lookup = "tenant"
+    #: who may add, change and delete: members and up by default; owners/admins for credentials
+    manage_only = False
+
+    def _editable_tenant_ids(self, request) -> set[int]:
+        return managed_tenant_ids(request) if self.manage_only else writable_tenant_ids(request)
 
     def get_queryset(self, request):
         queryset = (
@@ -59,27 +73,33 @@ class TenantScopedAdmin(admin.ModelAdmin):
         return bool(roles) if obj is None else self._tenant_id_of(obj) in roles
 
     def has_add_permission(self, request):
-        return request.user.is_superuser or bool(writable_tenant_ids(request))
+        return request.user.is_superuser or bool(self._editable_tenant_ids(request))
 
     def has_change_permission(self, request, obj=None):
         if request.user.is_superuser:
             return True
-        writable = writable_tenant_ids(request)
-        return bool(writable) if obj is None else self._tenant_id_of(obj) in writable
+        editable = self._editable_tenant_ids(request)
+        return bool(editable) if obj is None else self._tenant_id_of(obj) in editable
+
+    def editable_queryset(self, request, queryset):
+        """For bulk actions: only the rows of tenants where the user may change things."""
+        if request.user.is_superuser:
+            return queryset
+        return queryset.filter(**{f"{self.tenant_lookup}__in": list(self._editable_tenant_ids(request))})
 
     def has_delete_permission(self, request, obj=None):
         return self.has_change_permission(request, obj)
 
     def formfield_for_foreignkey(self, db_field, request, **kwargs):
         if db_field.name == "tenant" and not request.user.is_superuser:
-            kwargs["queryset"] = Tenant.objects.filter(pk__in=writable_tenant_ids(request))
+            kwargs["queryset"] = Tenant.objects.filter(pk__in=self._editable_tenant_ids(request))
         return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
     def get_changeform_initial_data(self, request):
         initial = super().get_changeform_initial_data(request)
-        writable = writable_tenant_ids(request)
-        if "tenant" not in initial and len(writable) == 1:
-            initial["tenant"] = next(iter(writable))
+        editable = self._editable_tenant_ids(request)
+        if "tenant" not in initial and len(editable) == 1:
+            initial["tenant"] = next(iter(editable))
         return initial
 
 

@@ -1,7 +1,7 @@
 from django import forms
 from django.contrib import admin
 
-from alkemy.tenancy.admin_base import TenantScopedAdmin, TenantScopedInline
+from alkemy.tenancy.admin_base import TENANT_FILTER, TenantScopedAdmin, TenantScopedInline
 from alkemy.webhooks.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
 
@@ -26,16 +26,26 @@ class WebhookEndpointForm(forms.ModelForm):
 @admin.register(WebhookEndpoint)
 class WebhookEndpointAdmin(TenantScopedAdmin):
     form = WebhookEndpointForm
+    manage_only = True  # like the API: owners and admins
     list_display = ["url", "tenant", "events", "is_active", "created_at"]
-    list_filter = ["tenant", "is_active"]
-    readonly_fields = ["secret", "created_at"]
+    list_filter = [TENANT_FILTER, "is_active"]
+    readonly_fields = ["secret_hint", "created_at"]
+
+    @admin.display(description="Secret")
+    def secret_hint(self, obj):
+        return "whsec_… (shown once, when the endpoint was created)" if obj.secret else "—"
 
     def save_model(self, request, obj, form, change):
         import secrets
 
-        if not obj.secret:
+        created = not obj.secret
+        if created:
             obj.secret = "whsec_" + secrets.token_urlsafe(32)
         super().save_model(request, obj, form, change)
+        if created:
+            from django.contrib import messages
+
+            messages.warning(request, f"Signing secret — copy it now, it is not shown again: {obj.secret}")
 
 
 class WebhookAttemptInline(TenantScopedInline, admin.TabularInline):
@@ -64,7 +74,7 @@ class WebhookDeliveryAdmin(TenantScopedAdmin):
         "next_attempt_at",
         "created_at",
     ]
-    list_filter = ["status", "event", "tenant"]
+    list_filter = ["status", "event", TENANT_FILTER]
     readonly_fields = [f.name for f in WebhookDelivery._meta.fields]
     inlines = [WebhookAttemptInline]
 

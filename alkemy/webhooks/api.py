@@ -21,7 +21,7 @@ class WebhookEndpointSerializer(serializers.ModelSerializer):
         read_only_fields = ["id", "secret_hint", "created_at"]
 
     def get_secret_hint(self, obj) -> str:
-        return obj.secret[:10] + "…"
+        return "whsec_…"  # nothing of the secret itself: it was shown once, at creation
 
 
 class WebhookEndpointCreatedSerializer(WebhookEndpointSerializer):
@@ -49,7 +49,8 @@ class WebhookEndpointViewSet(TenantModelViewSet):
         return WebhookEndpoint.objects.filter(tenant=self.tenant)
 
     def get_object(self):
-        endpoint = self.get_queryset().filter(pk=self.kwargs["pk"]).first() if self.kwargs["pk"].isdigit() else None
+        pk = self.kwargs["pk"]
+        endpoint = self.get_queryset().filter(pk=int(pk)).first() if pk.isascii() and pk.isdigit() else None
         if endpoint is None:
             raise NotFound("No such webhook endpoint.", code="webhook_not_found")
         return endpoint

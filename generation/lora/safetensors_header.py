@@ -119,7 +119,7 @@ def read_header(source: bytes | memoryview | Path, size: int) -> SafetensorsHead
             dtype, shape, (begin, end) = value["dtype"], tuple(value["shape"]), value["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise NotSafetensors(f"The safetensors entry {name!r} is malformed.") from None
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise NotSafetensors(f"Tensor {name!r} has an unsupported dtype {dtype!r}.")
         if not all(isinstance(d, int) and d >= 0 for d in shape):
             raise NotSafetensors(f"Tensor {name!r} has an invalid shape {list(shape)}.")

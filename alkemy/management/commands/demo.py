@@ -139,9 +139,7 @@ class Command(BaseCommand):
             {"character": character["id"], "method": "pulid_flux", "prompt": "portrait on the moon, film still",
              "width": 256, "height": 256, "steps": 8, "seed": 42},
         )  # fmt: skip
-        self.stdout.write(
-            f"\nGeneration #{job['id']} ({job['method']}) of {character['name']} submitted via the API:"
-        )
+        self.stdout.write(f"\nGeneration #{job['id']} ({job['method']}) of {character['name']} submitted via the API:")
         last = None
         deadline = time.monotonic() + 600
         while job["status"] not in ("succeeded", "failed", "canceled") and time.monotonic() < deadline:
