@@ -130,3 +130,20 @@ def test_webhooks_are_tenant_private(api_a, api_b, settings):
     assert api_b.get(f"/api/v1/webhooks/{created['id']}").status_code == 404
     assert api_b.delete(f"/api/v1/webhooks/{created['id']}").status_code == 404
     assert api_b.get("/api/v1/webhooks").json() == []
+
+
+def test_delivery_connects_to_the_checked_address_not_a_fresh_dns_answer(studio_a, receiver, settings, monkeypatch):
+    """DNS rebinding: the host name is resolved once, checked, and that address is the one used."""
+    from alkemy.webhooks import services
+
+    settings.ALKEMY_WEBHOOK_ALLOW_PRIVATE = True
+    port = receiver.server.server_address[1]
+    endpoint = endpoint_create(tenant=studio_a.tenant, url=f"http://127.0.0.1:{port}/hook")
+    endpoint.url = f"http://hooks.invalid:{port}/hook"  # a name no resolver knows...
+    endpoint.save()
+    monkeypatch.setattr(services, "check_url", lambda url: "127.0.0.1")  # ...checked as this address
+    receiver.statuses = [204]
+    (delivery,) = emit(tenant_id=studio_a.tenant.pk, event="generation.queued", payload={})
+    assert deliver(delivery.pk) == DeliveryStatus.DELIVERED
+    headers, _ = receiver.received[-1]
+    assert headers["Host"] == f"hooks.invalid:{port}"

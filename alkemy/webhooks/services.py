@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import ipaddress
 import json
 import secrets
 import socket
+import ssl
 import time
-import urllib.error
-import urllib.request
 from datetime import timedelta
 from urllib.parse import urlsplit
 
@@ -57,25 +57,30 @@ def verify(secret: str, header: str, body: bytes, *, tolerance_seconds: int = 30
     return hmac.compare_digest(sign(secret, timestamp, body), header)
 
 
-def check_url(url: str) -> None:
-    """Refuse non-http(s) URLs and, unless allowed, hosts resolving to non-public addresses."""
+def check_url(url: str) -> str:
+    """Refuse non-http(s) URLs and, unless allowed, hosts resolving to non-public addresses.
+
+    Returns the address to connect to: the delivery connects to exactly the address that was
+    checked, so a DNS answer that changes between check and connect (rebinding) cannot reach
+    a private network.
+    """
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UnsafeWebhookUrl("Webhook URLs must be http:// or https:// with a host.", field="url")
-    if settings.ALKEMY_WEBHOOK_ALLOW_PRIVATE:
-        return
     try:
         infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-    except socket.gaierror:
+    except (socket.gaierror, UnicodeError, ValueError):
         raise UnsafeWebhookUrl(f"The host '{parts.hostname}' does not resolve.", field="url") from None
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if not address.is_global:
-            raise UnsafeWebhookUrl(
-                f"The host '{parts.hostname}' resolves to a non-public address ({address}); refused.",
-                field="url",
-                details={"address": str(address)},
-            )
+    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    if not settings.ALKEMY_WEBHOOK_ALLOW_PRIVATE:
+        for address in addresses:
+            if not address.is_global:
+                raise UnsafeWebhookUrl(
+                    f"The host '{parts.hostname}' resolves to a non-public address ({address}); refused.",
+                    field="url",
+                    details={"address": str(address)},
+                )
+    return str(addresses[0])
 
 
 def endpoint_create(*, tenant: Tenant, url: str, events: list[str] | None = None) -> WebhookEndpoint:
@@ -164,34 +169,44 @@ def deliver(delivery_id: int) -> str:
 
 def _post(endpoint: WebhookEndpoint, delivery: WebhookDelivery, body: bytes) -> tuple[int | None, str]:
     try:
-        check_url(endpoint.url)
+        address = check_url(endpoint.url)
     except UnsafeWebhookUrl as exc:
         return None, exc.message
-    request = urllib.request.Request(
-        endpoint.url,
-        data=body,
-        method="POST",
-        headers={
-            "Content-Type": "application/json",
-            "User-Agent": "AlkemyCast-Webhooks/1",
-            SIGNATURE_HEADER: sign(endpoint.secret, int(time.time()), body),
-            EVENT_HEADER: delivery.event,
-            DELIVERY_HEADER: str(delivery.pk),
-        },
-    )
-    opener = urllib.request.build_opener(_NoRedirect)  # a redirect could point at a private address
+    parts = urlsplit(endpoint.url)
+    timeout = settings.ALKEMY_WEBHOOK_TIMEOUT_SECONDS
+    if parts.scheme == "https":
+        connection = _PinnedHTTPSConnection(parts.hostname, parts.port or 443, address=address, timeout=timeout)
+    else:
+        connection = http.client.HTTPConnection(address, parts.port or 80, timeout=timeout)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    headers = {
+        "Host": parts.netloc.rsplit("@", 1)[-1],
+        "Content-Type": "application/json",
+        "User-Agent": "AlkemyCast-Webhooks/1",
+        SIGNATURE_HEADER: sign(endpoint.secret, int(time.time()), body),
+        EVENT_HEADER: delivery.event,
+        DELIVERY_HEADER: str(delivery.pk),
+    }
     try:
-        with opener.open(request, timeout=settings.ALKEMY_WEBHOOK_TIMEOUT_SECONDS) as response:
-            return response.status, ""
-    except urllib.error.HTTPError as exc:
-        return exc.code, f"HTTP {exc.code}"
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        return None, str(getattr(exc, "reason", exc))[:500]
+        connection.request("POST", path, body=body, headers=headers)
+        status = connection.getresponse().status  # redirects are not followed: they could point anywhere
+    except (OSError, http.client.HTTPException) as exc:
+        return None, f"{type(exc).__name__}: {exc}"[:500]
+    finally:
+        connection.close()
+    return status, "" if 200 <= status < 300 else f"HTTP {status}"
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to the address we checked, with SNI and certificate checks for the URL's host name."""
+
+    def __init__(self, host: str, port: int, *, address: str, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self._address = address
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
 def deliver_due() -> int:
