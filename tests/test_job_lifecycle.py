@@ -75,18 +75,18 @@ def expire(job, attempt):
 def test_reaper_requeues_then_gives_up(queued_job, settings):
     settings.ALKEMY_JOB_MAX_ATTEMPTS = 2
     expire(queued_job, attempt=1)
-    assert reap_jobs() == {"requeued": 1, "failed": 0}
+    assert reap_jobs() == {"requeued": 1, "failed": 0, "canceled": 0}
     assert GenerationJob.objects.unscoped().get(pk=queued_job.pk).status == JobStatus.QUEUED
 
     expire(queued_job, attempt=2)
-    assert reap_jobs() == {"requeued": 0, "failed": 1}
+    assert reap_jobs() == {"requeued": 0, "failed": 1, "canceled": 0}
     lost = GenerationJob.objects.unscoped().get(pk=queued_job.pk)
     assert lost.status == JobStatus.FAILED and lost.error_code == "worker_lost"
 
 
 def test_reaper_leaves_live_leases_alone(queued_job):
     job_claim(GenerationJob, queued_job.pk, worker="alive:1")
-    assert reap_jobs() == {"requeued": 0, "failed": 0}
+    assert reap_jobs() == {"requeued": 0, "failed": 0, "canceled": 0}
 
 
 def test_method_errors_fail_the_job_with_their_code(queued_job, settings, tmp_path):
