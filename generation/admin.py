@@ -3,8 +3,10 @@ from django.http import FileResponse, Http404
 from django.urls import path, reverse
 from django.utils.html import format_html
 
+from alkemy.errors import AlkemyError
+from alkemy.jobs import JobStatus
 from alkemy.tenancy.admin_base import TENANT_FILTER, TenantScopedAdmin, TenantScopedInline
-from generation.jobs import generation_cancel
+from generation.jobs import generation_cancel, generation_job_delete
 from generation.models import GeneratedImage, GenerationJob
 
 
@@ -54,6 +56,21 @@ class GenerationJobAdmin(TenantScopedAdmin):
     @admin.display(description="Progress")
     def progress_percent(self, obj):
         return f"{obj.progress * 100:.0f}%"
+
+    def has_delete_permission(self, request, obj=None):
+        if obj is not None and obj.status in (JobStatus.QUEUED, JobStatus.RUNNING):
+            return False  # cancel first: a worker may be writing its outputs
+        return super().has_delete_permission(request, obj)
+
+    def delete_model(self, request, obj):
+        generation_job_delete(job=obj)  # outputs' files go after commit
+
+    def delete_queryset(self, request, queryset):
+        for job in self.editable_queryset(request, queryset):
+            try:
+                generation_job_delete(job=job)
+            except AlkemyError as exc:
+                messages.error(request, f"Generation #{job.pk}: not deleted — {exc.message}")
 
     @admin.action(description="Cancel selected jobs", permissions=["change"])
     def cancel(self, request, queryset):

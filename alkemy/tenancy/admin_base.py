@@ -35,11 +35,51 @@ def managed_tenant_ids(request) -> set[int]:
 TENANT_FILTER = ("tenant", admin.RelatedOnlyFieldListFilter)
 
 
+def is_tenant_owned(model) -> bool:
+    return hasattr(model, "tenant_field") and hasattr(model.objects, "unscoped")
+
+
+def tenant_consistent_form(form_class, *, row_tenant_id: int | None, allowed_tenant_ids: set[int] | None):
+    """The admin form with every tenant-owned choice limited to the row's tenant (an existing row)
+    or to the tenants the user may edit (a new row); the model's `clean()` checks the saved value."""
+
+    class TenantConsistentForm(form_class):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            for name, field in self.fields.items():
+                queryset = getattr(field, "queryset", None)
+                if name == "tenant" or queryset is None or not is_tenant_owned(queryset.model):
+                    continue
+                tenant_field = queryset.model.tenant_field
+                if row_tenant_id is not None:
+                    field.queryset = queryset.filter(**{tenant_field: row_tenant_id})
+                elif allowed_tenant_ids is not None:
+                    field.queryset = queryset.filter(**{f"{tenant_field}__in": allowed_tenant_ids})
+
+    TenantConsistentForm.__name__ = form_class.__name__
+    return TenantConsistentForm
+
+
 class TenantScopedAdmin(admin.ModelAdmin):
     #: lookup from this model to its tenant id
     tenant_lookup = "tenant"
     #: who may add, change and delete: members and up by default; owners/admins for credentials
     manage_only = False
+    #: fields fixed once the row exists, besides `tenant` (a row never changes tenant)
+    immutable_fields: tuple[str, ...] = ()
+
+    def get_readonly_fields(self, request, obj=None):
+        fields = list(super().get_readonly_fields(request, obj))
+        if obj is not None:
+            fixed = ("tenant", *self.immutable_fields) if self.tenant_lookup == "tenant" else self.immutable_fields
+            fields += [name for name in fixed if name not in fields]
+        return fields
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        form = super().get_form(request, obj, change, **kwargs)
+        allowed = None if request.user.is_superuser else self._editable_tenant_ids(request)
+        row_tenant = self._tenant_id_of(obj) if obj is not None else None
+        return tenant_consistent_form(form, row_tenant_id=row_tenant, allowed_tenant_ids=allowed)
 
     def _editable_tenant_ids(self, request) -> set[int]:
         return managed_tenant_ids(request) if self.manage_only else writable_tenant_ids(request)
@@ -91,8 +131,16 @@ class TenantScopedAdmin(admin.ModelAdmin):
         return self.has_change_permission(request, obj)
 
     def formfield_for_foreignkey(self, db_field, request, **kwargs):
-        if db_field.name == "tenant" and not request.user.is_superuser:
+        if request.user.is_superuser:
+            pass
+        elif db_field.name == "tenant":
             kwargs["queryset"] = Tenant.objects.filter(pk__in=self._editable_tenant_ids(request))
+        elif is_tenant_owned(db_field.related_model):
+            # never a row of a tenant where the user only views
+            model = db_field.related_model
+            kwargs["queryset"] = model.objects.unscoped().filter(
+                **{f"{model.tenant_field}__in": self._editable_tenant_ids(request)}
+            )
         return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
     def get_changeform_initial_data(self, request):

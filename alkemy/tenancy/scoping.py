@@ -109,3 +109,26 @@ class TenantOwnedModel(models.Model):
 
     class Meta:
         abstract = True
+
+    def clean(self) -> None:
+        """A row may only point at rows of its own tenant (admin forms run this on save)."""
+        from django.core.exceptions import ValidationError
+
+        super().clean()
+        own_tenant = getattr(self, "tenant_id", None)
+        if own_tenant is None:
+            return
+        for field in self._meta.concrete_fields:
+            related = field.related_model if field.is_relation else None
+            if related is None or not issubclass(related, TenantOwnedModel):
+                continue
+            related_id = getattr(self, field.attname)
+            if related_id is None:
+                continue
+            rows = related.objects.unscoped().filter(pk=related_id)
+            other = rows.values_list(related.tenant_field, flat=True).first()
+            if other is not None and other != own_tenant:
+                # a non-field error: the field may be read-only (not in the form) in admin
+                raise ValidationError(
+                    f"The {field.verbose_name} belongs to another studio than this {self._meta.verbose_name}."
+                )
