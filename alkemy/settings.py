@@ -225,6 +225,8 @@ ALKEMY_ENCRYPTION_KEY = os.environ.get("ALKEMY_ENCRYPTION_KEY", "")
 
 # Gemini 2.5 Flash Image (the SDK also reads GEMINI_API_KEY / GOOGLE_API_KEY and its Vertex AI variables)
 ALKEMY_GEMINI_MODEL = os.environ.get("ALKEMY_GEMINI_MODEL", "gemini-2.5-flash-image")
+# What `params.model` may name (the default model is always allowed): jobs spend a Gemini key on it.
+ALKEMY_GEMINI_ALLOWED_MODELS = env_list("ALKEMY_GEMINI_ALLOWED_MODELS", "gemini-2.5-flash-image")
 ALKEMY_GEMINI_TIMEOUT_SECONDS = env_int("ALKEMY_GEMINI_TIMEOUT_SECONDS", 120)
 ALKEMY_GEMINI_MAX_RETRIES = env_int("ALKEMY_GEMINI_MAX_RETRIES", 4)
 ALKEMY_GEMINI_BACKOFF_SECONDS = float(os.environ.get("ALKEMY_GEMINI_BACKOFF_SECONDS", "2"))

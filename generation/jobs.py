@@ -13,6 +13,7 @@ from alkemy.jobs import JobStatus, job_request_cancel
 from alkemy.tenancy.models import Tenant
 from characters.faces import resolve_embedder_name
 from characters.models import Character, CharacterIdentity
+from generation.gemini.client import allowed_model
 from generation.methods import DEFAULT_METHOD, DEFAULT_STEPS, IDENTITY_METHODS, METHOD_CLUSTERS, METHODS
 from generation.models import GenerationJob
 
@@ -82,6 +83,8 @@ def generation_submit(
     if guidance is not None and not 0 <= guidance <= 30:
         raise _invalid("guidance must be between 0 and 30.", "guidance")
     params = _checked_params(params)
+    if method == "gemini":
+        allowed_model(params)  # every call spends a Gemini key: allow-listed models only
     if seed is not None and not 0 <= seed <= MAX_SEED - (num_images - 1):
         raise _invalid(f"seed must be between 0 and {MAX_SEED - (num_images - 1)}.", "seed")
     if idempotency_key is not None and len(idempotency_key) > MAX_IDEMPOTENCY_KEY_LENGTH:

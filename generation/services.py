@@ -67,7 +67,10 @@ def generate_for_character(
 
         image = method.generate(single, step_of_all)[0]
         for meter, quantity in single.usage.items():
-            request.usage[meter] = request.usage.get(meter, 0) + quantity
+            if isinstance(quantity, int | float):
+                request.usage[meter] = request.usage.get(meter, 0) + quantity
+            else:  # a label of what was metered (e.g. Gemini's `model`), the same for every image
+                request.usage[meter] = quantity
         if identity is None:
             score = IdentityScore(None, "no_identity")
         else:

@@ -233,7 +233,7 @@ def test_generates_images_of_the_requested_size_and_records_usage(gemini, refere
     assert all(image.mode == "RGB" for image in images)
     assert steps == [(1, 2), (2, 2)]
     # one request per image; usage is the sum of both replies' usageMetadata
-    assert request.usage == {"input_tokens": 2200, "output_tokens": 2580, "images": 2, "requests": 2}
+    assert request.usage == {"input_tokens": 2200, "output_tokens": 2580, "images": 2, "requests": 2, "model": MODEL}
     assert len(gemini.requests) == 2
 
     sent = gemini.requests[0]
@@ -294,13 +294,28 @@ def test_a_tenant_key_overrides_the_environment_even_on_vertex_ai(gemini, refere
 def test_the_model_comes_from_params_then_settings(gemini, references, settings):
     gemini.reply(image_reply())
     settings.ALKEMY_GEMINI_MODEL = "gemini-house-image"
+    settings.ALKEMY_GEMINI_ALLOWED_MODELS = ["gemini-tenant-image"]
     generate(make_request(references))
-    generate(make_request(references, params={"model": "gemini-tenant-image"}))
+    request = make_request(references, params={"model": "gemini-tenant-image"})
+    generate(request)
 
     assert [r["path"] for r in gemini.requests] == [
         "/v1beta/models/gemini-house-image:generateContent",
         "/v1beta/models/gemini-tenant-image:generateContent",
     ]
+    assert request.usage["model"] == "gemini-tenant-image"
+
+
+def test_a_model_off_the_allow_list_is_refused_without_a_call(gemini, references, settings):
+    settings.ALKEMY_GEMINI_ALLOWED_MODELS = ["gemini-2.5-flash-image"]
+    gemini.reply(image_reply())
+
+    with pytest.raises(Exception) as caught:
+        generate(make_request(references, params={"model": "tunedModels/not-ours"}))
+
+    assert caught.value.code == "model_not_allowed"
+    assert caught.value.details["field"] == "params.model"
+    assert gemini.requests == []
 
 
 def test_one_reference_and_no_negative_prompt(gemini, references):
@@ -336,7 +351,7 @@ def test_429_is_retried_after_the_servers_retry_delay(gemini, references):
     assert image.size == (768, 1024)
     assert len(gemini.requests) == 2
     assert gemini.requests[1]["at"] - gemini.requests[0]["at"] >= 0.3  # backoff alone would be ~0.01 s
-    assert request.usage == {"input_tokens": 1100, "output_tokens": 1290, "images": 1, "requests": 1}
+    assert request.usage == {"input_tokens": 1100, "output_tokens": 1290, "images": 1, "requests": 1, "model": MODEL}
 
 
 def test_retry_after_header_is_honoured(gemini, references):
@@ -441,7 +456,7 @@ def test_image_safety_finish_reason_is_content_blocked_and_not_retried(gemini, r
     assert error.details["categories"] == ["HARM_CATEGORY_SEXUALLY_EXPLICIT"]
     assert len(gemini.requests) == 1
     # the blocked call is billed for its input
-    assert request.usage == {"input_tokens": 1100, "output_tokens": 0, "images": 0, "requests": 1}
+    assert request.usage == {"input_tokens": 1100, "output_tokens": 0, "images": 0, "requests": 1, "model": MODEL}
 
 
 def test_prompt_block_reason_is_content_blocked_and_not_retried(gemini, references):

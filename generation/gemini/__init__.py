@@ -3,18 +3,27 @@
 The method itself is `generation.methods.gemini.GeminiMethod`; this package holds its parts so each
 can be read (and tested) on its own:
 
-- `client`: settings and the SDK client (tenant key or the SDK's environment; SDK retries off);
+- `client`: settings (with the model allow-list) and the SDK client (tenant key or the SDK's environment;
+  SDK retries off);
 - `request`: reference choice, the prompt template, the generation config;
 - `aspect`: the supported aspect ratios and the nearest one to a size;
 - `response`: image / block / no-image from a reply, usage, fitting to the requested size;
 - `errors`: our error codes and the mapping from SDK errors;
 - `retry`: exponential backoff with jitter around one call.
 
-Importing this package does not import the SDK; the functions that need it import it when called.
+Importing this package imports neither the SDK nor torch (the web process validates requests with it);
+the functions that need the SDK import it when called.
 """
 
 from generation.gemini.aspect import ASPECT_RATIOS, nearest_aspect_ratio
-from generation.gemini.client import DEFAULT_MODEL, GeminiSettings, make_client
+from generation.gemini.client import (
+    DEFAULT_MODEL,
+    GeminiSettings,
+    ModelNotAllowed,
+    allowed_model,
+    allowed_models,
+    make_client,
+)
 from generation.gemini.errors import (
     ContentBlocked,
     GeminiError,
@@ -43,11 +52,14 @@ __all__ = [
     "ContentBlocked",
     "GeminiError",
     "GeminiSettings",
+    "ModelNotAllowed",
     "NoImage",
     "ProviderAuthFailed",
     "ProviderError",
     "ProviderUnavailable",
     "RetryPolicy",
+    "allowed_model",
+    "allowed_models",
     "build_config",
     "build_contents",
     "build_prompt",

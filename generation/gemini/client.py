@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
+from alkemy.errors import AlkemyError
 from generation.gemini.errors import ProviderAuthFailed
 
 DEFAULT_MODEL = "gemini-2.5-flash-image"
@@ -39,14 +40,46 @@ class GeminiSettings:
 
     @classmethod
     def from_django(cls, params: dict | None = None) -> GeminiSettings:
-        params = params or {}
+        """The settings for one request; raises ModelNotAllowed for a `params["model"]` off the allow-list."""
         return cls(
-            model=params.get("model") or getattr(settings, "ALKEMY_GEMINI_MODEL", DEFAULT_MODEL),
+            model=allowed_model(params),
             timeout_seconds=float(getattr(settings, "ALKEMY_GEMINI_TIMEOUT_SECONDS", 120)),
             max_retries=int(getattr(settings, "ALKEMY_GEMINI_MAX_RETRIES", 4)),
             backoff_seconds=float(getattr(settings, "ALKEMY_GEMINI_BACKOFF_SECONDS", 2.0)),
             max_wait_seconds=float(getattr(settings, "ALKEMY_GEMINI_MAX_WAIT_SECONDS", 60.0)),
         )
+
+
+class ModelNotAllowed(AlkemyError):
+    status_code = 422
+    code = "model_not_allowed"
+
+
+def allowed_models() -> list[str]:
+    """What `params.model` may name: settings.ALKEMY_GEMINI_ALLOWED_MODELS plus the default model."""
+    default = getattr(settings, "ALKEMY_GEMINI_MODEL", DEFAULT_MODEL)
+    listed = list(getattr(settings, "ALKEMY_GEMINI_ALLOWED_MODELS", [DEFAULT_MODEL]))
+    return listed if default in listed else [default, *listed]
+
+
+def allowed_model(params: dict | None) -> str:
+    """The model a request runs on: `params["model"]` when it is allow-listed, the default when absent.
+
+    Every call spends a Gemini key, often the operator's, so a tenant must not pick an expensive or
+    someone else's (tuned) model: anything off the list raises ModelNotAllowed (422, `params.model`).
+    Checked when a job is submitted and again when it runs (the list may have shrunk meanwhile).
+    """
+    model = (params or {}).get("model")
+    if model is None:
+        return getattr(settings, "ALKEMY_GEMINI_MODEL", DEFAULT_MODEL)
+    allowed = allowed_models()
+    if not isinstance(model, str) or model not in allowed:
+        raise ModelNotAllowed(
+            f"Model {model!r} is not allowed for Gemini generations; allowed: {', '.join(allowed)}.",
+            field="params.model",
+            details={"allowed": allowed},
+        )
+    return model
 
 
 def _env_true(name: str) -> bool:

@@ -10,11 +10,13 @@ The text is the identity instruction, the user's prompt, and the negative prompt
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from generation.methods.base import ReferenceFace
+if TYPE_CHECKING:  # the web process checks Gemini requests without importing torch (methods.base does)
+    from generation.methods.base import ReferenceFace
 
 MAX_REFERENCES = 3
 #: longest side of a reference as sent: keeps each image to about one 768 px tile of input tokens

@@ -12,10 +12,12 @@ The image Gemini returns (its own ~1 MP resolution) is centre-cropped and resize
 width x height. `steps` and `guidance` do not apply and are ignored. `seed + i` is passed as the
 request seed of image i (best effort: Gemini does not promise deterministic images).
 
-`request.params`: `model` (default settings.ALKEMY_GEMINI_MODEL, "gemini-2.5-flash-image").
+`request.params`: `model` (default settings.ALKEMY_GEMINI_MODEL, "gemini-2.5-flash-image"; only models in
+settings.ALKEMY_GEMINI_ALLOWED_MODELS, else `model_not_allowed`, see `generation.gemini.client.allowed_model`).
 `request.credentials["gemini_api_key"]`: a tenant's own key; otherwise the SDK's environment variables.
 `request.usage` gets input_tokens, output_tokens (from usageMetadata), images and requests (HTTP 200 replies,
-the billable ones; blocked replies are billed for their input and count too).
+the billable ones; blocked replies are billed for their input and count too), and the `model` they were
+billed for.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class GeminiMethod(GenerationMethod):
         usage = request.usage
         for key in ("input_tokens", "output_tokens", "images", "requests"):
             usage.setdefault(key, 0)
+        usage["model"] = config.model  # what was billed: prices differ per model
         aspect_ratio = nearest_aspect_ratio(request.width, request.height)
         # The references are encoded once and reused by every image's request.
         contents = build_contents(request.references, request.prompt, request.negative_prompt)
