@@ -221,7 +221,9 @@ ALKEMY_GPU_MEMORY_BUDGET_GB = float(os.environ.get("ALKEMY_GPU_MEMORY_BUDGET_GB"
 ALKEMY_WEBHOOK_ALLOW_PRIVATE = env_bool("ALKEMY_WEBHOOK_ALLOW_PRIVATE", False)
 ALKEMY_WEBHOOK_MAX_ATTEMPTS = env_int("ALKEMY_WEBHOOK_MAX_ATTEMPTS", 8)
 ALKEMY_WEBHOOK_TIMEOUT_SECONDS = env_int("ALKEMY_WEBHOOK_TIMEOUT_SECONDS", 10)
-ALKEMY_ENCRYPTION_KEY = os.environ.get("ALKEMY_ENCRYPTION_KEY", "")
+# Encryption keys for secrets at rest (alkemy/crypto.py), newest first; empty: derived from SECRET_KEY.
+# ALKEMY_ENCRYPTION_KEY (one key) is still read when the list is not set.
+ALKEMY_ENCRYPTION_KEYS = env_list("ALKEMY_ENCRYPTION_KEYS", os.environ.get("ALKEMY_ENCRYPTION_KEY", ""))
 
 # Gemini 2.5 Flash Image (the SDK also reads GEMINI_API_KEY / GOOGLE_API_KEY and its Vertex AI variables)
 ALKEMY_GEMINI_MODEL = os.environ.get("ALKEMY_GEMINI_MODEL", "gemini-2.5-flash-image")

@@ -5,7 +5,7 @@ from rest_framework import serializers
 from rest_framework.response import Response
 
 from alkemy.api.base import TenantAPIView
-from alkemy.crypto import decrypt, mask
+from alkemy.crypto import secret_status
 from alkemy.tenancy.models import MANAGE_ROLES
 from alkemy.tenancy.services import tenant_set_gemini_key
 
@@ -15,7 +15,17 @@ TenantSerializer = inline_serializer(
         "slug": serializers.CharField(),
         "name": serializers.CharField(),
         "role": serializers.CharField(),
-        "gemini_api_key": serializers.CharField(allow_null=True, help_text="Masked; null: the global key is used"),
+        "gemini_api_key": serializers.CharField(
+            allow_null=True, help_text="Masked; null when no readable key is stored (see gemini_api_key_status)"
+        ),
+        "gemini_api_key_status": serializers.ChoiceField(
+            choices=["unset", "set", "unreadable"],
+            help_text=(
+                "unset: the global key is used; set: the tenant's own key is used; unreadable: the stored key "
+                "cannot be decrypted since the server's encryption key changed, Gemini jobs fail "
+                "provider_auth_failed until an owner or admin enters it again"
+            ),
+        ),
     },
 )
 
@@ -28,12 +38,13 @@ class TenantView(TenantAPIView):
     write_roles = MANAGE_ROLES
 
     def _body(self) -> dict:
-        stored = self.tenant.gemini_api_key_encrypted
+        status, masked = secret_status(self.tenant.gemini_api_key_encrypted)
         return {
             "slug": self.tenant.slug,
             "name": self.tenant.name,
             "role": self.role,
-            "gemini_api_key": mask(decrypt(stored)) if stored else None,
+            "gemini_api_key": masked,
+            "gemini_api_key_status": status,
         }
 
     @extend_schema(summary="The caller's tenant", responses=TenantSerializer)

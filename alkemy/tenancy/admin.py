@@ -53,11 +53,14 @@ class TenantAdmin(admin.ModelAdmin):
 
     @admin.display(description="Gemini key in use")
     def gemini_key_in_use(self, obj):
-        from alkemy.crypto import decrypt, mask
+        from alkemy.crypto import secret_status
 
-        if obj is None or not obj.gemini_api_key_encrypted:
+        status, masked = secret_status(obj.gemini_api_key_encrypted if obj is not None else "")
+        if status == "unset":
             return "the global key (GEMINI_API_KEY / GOOGLE_API_KEY)"
-        return mask(decrypt(obj.gemini_api_key_encrypted))
+        if status == "unreadable":
+            return "unreadable: the server's encryption key changed. Enter the key again; Gemini jobs fail until then."
+        return masked
 
     def save_model(self, request, obj, form, change):
         from alkemy.errors import AlkemyError

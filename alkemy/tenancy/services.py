@@ -125,7 +125,23 @@ def tenant_set_gemini_key(*, tenant: Tenant, api_key: str | None) -> Tenant:
 
 
 def tenant_gemini_key(tenant: Tenant) -> str | None:
-    """The tenant's Gemini key in clear (for the worker only), or None to use the global one."""
-    from alkemy.crypto import decrypt
+    """The tenant's Gemini key in clear (for the worker only), or None to use the global one.
 
-    return decrypt(tenant.gemini_api_key_encrypted) if tenant.gemini_api_key_encrypted else None
+    A stored key that the configured encryption keys cannot read (the encryption key was rotated
+    without keeping the old one) raises `provider_auth_failed`: never fall back to the global key,
+    which would bill the operator for the tenant's jobs.
+    """
+    from alkemy.crypto import SecretUnreadable, decrypt
+
+    if not tenant.gemini_api_key_encrypted:
+        return None
+    try:
+        return decrypt(tenant.gemini_api_key_encrypted)
+    except SecretUnreadable:
+        raise AlkemyError(
+            "The studio's Gemini API key can no longer be read (the server's encryption key changed): "
+            "an owner or admin must enter the key again (PUT /api/v1/tenant, or the tenant page in admin).",
+            code="provider_auth_failed",
+            status_code=502,
+            details={"provider": "gemini", "reason": "tenant_key_unreadable"},
+        ) from None
