@@ -32,9 +32,13 @@ def env_list(name: str, default: str) -> list[str]:
 DEBUG = env_bool("DEBUG", False)
 SECRET_KEY = os.environ.get("SECRET_KEY", "")
 if not SECRET_KEY:
-    if not DEBUG and env_bool("ALKEMY_REQUIRE_SECRET_KEY", False):
-        raise RuntimeError("SECRET_KEY must be set in production (ALKEMY_REQUIRE_SECRET_KEY=1).")
-    # Laptop default only; deploy/ sets a real key.
+    # SECRET_KEY keys the API key hashes and (by default) the encryption of tenants' provider keys: a
+    # public fallback would let anyone forge both. Only DEBUG (`make demo`) may run without one; the test
+    # suite sets a test-only key itself (tests/settings.py).
+    if not DEBUG:
+        from django.core.exceptions import ImproperlyConfigured
+
+        raise ImproperlyConfigured("SECRET_KEY must be set (or DEBUG=1 for local development).")
     SECRET_KEY = "insecure-dev-key-set-SECRET_KEY-in-production"
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "")
