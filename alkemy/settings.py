@@ -64,6 +64,7 @@ INSTALLED_APPS = [
     "characters",
     "generation",
     "training",
+    "usage",
 ]
 
 MIDDLEWARE = [

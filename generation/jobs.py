@@ -16,6 +16,7 @@ from characters.models import Character, CharacterIdentity
 from generation.gemini.client import allowed_model
 from generation.methods import DEFAULT_METHOD, DEFAULT_STEPS, IDENTITY_METHODS, METHOD_CLUSTERS, METHODS
 from generation.models import GenerationJob
+from usage.services import usage_admit
 
 GPU_CLUSTER = "gpu"
 MAX_SEED = 2**31 - 1  # Gemini and several schedulers take 32-bit seeds
@@ -51,8 +52,13 @@ def generation_submit(
     idempotency_key: str | None = None,
     requested_by=None,
     requested_by_api_key=None,
+    dry_run: bool = False,
 ) -> tuple[GenerationJob, bool]:
     """Validate everything up front, store the job, enqueue it after commit. Returns (job, created).
+
+    The tenant's budget and job limits admit the job in the same transaction (`usage.services.usage_admit`):
+    402 `budget_exceeded` or 429 `too_many_jobs` leave nothing behind. `dry_run=True` validates the same
+    way and returns `(usage.services.Quote, False)` instead: the estimate and verdicts, with no job.
 
     With an idempotency key, a retry with the same body returns the first job (created=False);
     the same key with a different body is a 409.
@@ -107,6 +113,12 @@ def generation_submit(
         )
     if seed is None:
         seed = secrets.randbelow(MAX_SEED - num_images + 2)
+    if dry_run:
+        from usage.services import usage_quote
+
+        draft = GenerationJob(tenant=tenant, character=character, method=method, width=width, height=height,
+                              steps=steps, num_images=num_images, params=params)  # fmt: skip
+        return usage_quote(job=draft), False
 
     if idempotency_key:
         existing = _idempotent_match(tenant, idempotency_key, fingerprint)
@@ -136,6 +148,7 @@ def generation_submit(
                 lora=lora,
                 style_lora=style_lora,
             )
+            usage_admit(job=job)  # budget and job limits, under the tenant's lock; raises 402 / 429
             notify(job, JobStatus.QUEUED)
             transaction.on_commit(lambda: enqueue(job.pk))
     except IntegrityError:

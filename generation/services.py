@@ -65,12 +65,14 @@ def generate_for_character(
             if on_step is not None:
                 on_step(index * total + step, count * total)
 
-        image = method.generate(single, step_of_all)[0]
-        for meter, quantity in single.usage.items():
-            if isinstance(quantity, int | float):
-                request.usage[meter] = request.usage.get(meter, 0) + quantity
-            else:  # a label of what was metered (e.g. Gemini's `model`), the same for every image
-                request.usage[meter] = quantity
+        try:
+            image = method.generate(single, step_of_all)[0]
+        finally:  # a request that failed may still have been billed (a blocked reply): keep its usage
+            for meter, quantity in single.usage.items():
+                if isinstance(quantity, int | float):
+                    request.usage[meter] = request.usage.get(meter, 0) + quantity
+                else:  # a label of what was metered (e.g. Gemini's `model`), the same for every image
+                    request.usage[meter] = quantity
         if identity is None:
             score = IdentityScore(None, "no_identity")
         else:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 
 from django.conf import settings
+from django.db import transaction
 
 from alkemy.jobs import JobStatus, job_requeue_or_fail, jobs_expired
 from generation.models import GenerationJob
+from usage.services import usage_record_job
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +27,10 @@ def reap_jobs() -> dict:
 
     counts = {"requeued": 0, "failed": 0, "canceled": 0}
     for job in jobs_expired(GenerationJob):
-        outcome = job_requeue_or_fail(GenerationJob, job, max_attempts=settings.ALKEMY_JOB_MAX_ATTEMPTS)
+        with transaction.atomic():  # a job the reaper ends is billed by the same transaction (usage policy)
+            outcome = job_requeue_or_fail(GenerationJob, job, max_attempts=settings.ALKEMY_JOB_MAX_ATTEMPTS)
+            if outcome in (JobStatus.FAILED, JobStatus.CANCELED):
+                usage_record_job(job=job)
         if outcome == JobStatus.QUEUED:
             counts["requeued"] += 1
             logger.warning("job %s: worker %s lost, re-queued (attempt %s)", job.pk, job.worker, job.attempt)

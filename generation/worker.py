@@ -33,6 +33,7 @@ from alkemy.tenancy.scoping import tenant_scope
 from generation.methods import IDENTITY_METHODS
 from generation.methods.base import GenerationMethod, GenerationRequest, LoadOptions
 from generation.models import GeneratedImage, GenerationJob
+from usage.services import usage_record_job
 
 logger = logging.getLogger(__name__)
 
@@ -279,12 +280,13 @@ def _generate_and_store(job: GenerationJob, me: str, guard: StepGuard) -> str:
     from generation.services import generate_for_character
 
     device_seconds = 0.0
+    usage: dict = {}  # what a remote method metered (tokens), kept for billing when the job fails too
     try:
         method = pipeline_cache().get(job.method)
         request = GenerationRequest(
             references=[], prompt=job.prompt, negative_prompt=job.negative_prompt, width=job.width,
             height=job.height, steps=job.steps, guidance=job.guidance, seed=job.seed,
-            num_images=job.num_images, params=run_params(job), credentials=run_credentials(job),
+            num_images=job.num_images, params=run_params(job), credentials=run_credentials(job), usage=usage,
         )  # fmt: skip
         device_started = time.monotonic()
         outputs = generate_for_character(
@@ -295,7 +297,7 @@ def _generate_and_store(job: GenerationJob, me: str, guard: StepGuard) -> str:
             torch.cuda.synchronize()
         device_seconds = time.monotonic() - device_started
     except JobCanceled:
-        return _finish(job, me, JobStatus.CANCELED, "canceled", "Canceled while running.", device_seconds)
+        return _finish(job, me, JobStatus.CANCELED, "canceled", "Canceled while running.", device_seconds, usage=usage)
     except JobLost:
         logger.warning("job %s: lease lost to another worker; dropping this run", job.pk)
         return "lost"
@@ -312,7 +314,7 @@ def _generate_and_store(job: GenerationJob, me: str, guard: StepGuard) -> str:
         pipeline_cache().clear()
         return _finish(job, me, JobStatus.FAILED, "gpu_out_of_memory", str(exc)[:1000], device_seconds)
     except AlkemyError as exc:
-        return _finish(job, me, JobStatus.FAILED, exc.code, exc.message, device_seconds, exc.details)
+        return _finish(job, me, JobStatus.FAILED, exc.code, exc.message, device_seconds, exc.details, usage=usage)
     except Exception as exc:  # a bug in a method must fail the job, not kill the worker
         logger.exception("job %s failed", job.pk)
         return _finish(job, me, JobStatus.FAILED, "internal_error", f"{type(exc).__name__}: {exc}", device_seconds)
@@ -389,6 +391,7 @@ def _store_outputs(job: GenerationJob, me: str, outputs, device_seconds: float, 
                                   usage={**usage, "images": len(outputs)})  # fmt: skip
             if not finished:
                 raise JobLost()
+            usage_record_job(job=job)  # the ledger, in the transaction that finishes the job
             GeneratedImage.objects.unscoped().bulk_create(
                 [
                     GeneratedImage(
@@ -421,13 +424,16 @@ def _finish(
     message: str,
     device_seconds: float,
     details: dict | None = None,
+    usage: dict | None = None,
 ) -> str:
     with transaction.atomic():
         finished = job_finish(
             GenerationJob, job.pk, worker=me, status=status, error_code=code, error_message=message,
             error_details=details, device=_device_name(), device_seconds=round(device_seconds, 3),
+            **({"usage": usage} if usage else {}),
         )  # fmt: skip
         if finished:
+            usage_record_job(job=job)  # the failure policy decides what is billable
             _notify(job, status)
             return status
     return "lost"
