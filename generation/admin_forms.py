@@ -24,11 +24,19 @@ class GenerateForm(forms.Form):
     )
 
     def clean_params(self):
+        """The JSON object as the API would parse it; `generation_submit` checks what it may hold."""
         raw = self.cleaned_data.get("params") or "{}"
         try:
-            value = json.loads(raw)
-        except ValueError as exc:
+            value = json.loads(raw, parse_constant=_no_constant)
+        except RecursionError:
+            raise forms.ValidationError("Not valid JSON: nested too deeply.") from None
+        except ValueError as exc:  # JSONDecodeError, NaN/Infinity, integers of more than 4300 digits
             raise forms.ValidationError(f"Not valid JSON: {exc}") from None
         if not isinstance(value, dict):
             raise forms.ValidationError("Give a JSON object.")
         return value
+
+
+def _no_constant(name: str):
+    # Python's json accepts NaN and Infinity, which JSON (and PostgreSQL's jsonb) do not
+    raise ValueError(f"{name} is not a JSON number")

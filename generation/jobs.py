@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -21,6 +23,10 @@ from usage.services import usage_admit
 GPU_CLUSTER = "gpu"
 MAX_SEED = 2**31 - 1  # Gemini and several schedulers take 32-bit seeds
 MAX_IDEMPOTENCY_KEY_LENGTH = 200
+#: method parameters are a handful of numbers and short lists (pose keypoints); these bound hostile ones
+MAX_PARAMS_DEPTH = 8
+MAX_PARAMS_BYTES = 16 * 1024
+_SURROGATE = re.compile("[\ud800-\udfff]")
 #: filled in by the worker from the database, never taken from a request
 RESERVED_PARAMS = frozenset(
     {"lora_path", "lora_id", "style_lora_path", "style_lora_id", "base_model", "trigger_token", "style_trigger_token"}
@@ -65,6 +71,7 @@ def generation_submit(
     """
     import secrets
 
+    params = _checked_params(params)  # first: the fingerprint below serialises them
     # What the client sent, before defaults are filled in: a retry sends the same body.
     fingerprint = request_hash(
         {"character": character.pk, "method": method, "prompt": prompt, "negative_prompt": negative_prompt,
@@ -88,7 +95,6 @@ def generation_submit(
         raise _invalid(f"num_images must be between 1 and {settings.ALKEMY_MAX_NUM_IMAGES}.", "num_images")
     if guidance is not None and not 0 <= guidance <= 30:
         raise _invalid("guidance must be between 0 and 30.", "guidance")
-    params = _checked_params(params)
     if method == "gemini":
         allowed_model(params)  # every call spends a Gemini key: allow-listed models only
     if seed is not None and not 0 <= seed <= MAX_SEED - (num_images - 1):
@@ -161,7 +167,11 @@ def generation_submit(
 
 
 def _checked_params(params) -> dict:
-    """Method parameters: a JSON object of plain values, without the keys the worker fills in."""
+    """Method parameters: a JSON object of plain values that jsonb can hold, without the keys the worker fills in.
+
+    Plain values are strings without NUL or lone surrogates, finite numbers, 64-bit integers, booleans and
+    null, in lists and objects at most `MAX_PARAMS_DEPTH` deep and `MAX_PARAMS_BYTES` as JSON.
+    """
     if params is None:
         return {}
     if not isinstance(params, dict):
@@ -170,18 +180,36 @@ def _checked_params(params) -> dict:
     if reserved:
         raise _invalid(f"params may not set {', '.join(reserved)}; they come from the character's LoRA.", "params")
 
-    def walk(value) -> None:
-        if isinstance(value, str) and "\x00" in value:
-            raise _invalid("params may not contain NUL characters.", "params")
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(key)
-                walk(item)
-        elif isinstance(value, list):
-            for item in value:
-                walk(item)
-
-    walk(params)
+    stack = [(params, 1)]  # iterative: hostile nesting cannot exhaust the stack
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise _invalid("params may not contain NUL characters.", "params")
+            if _SURROGATE.search(value):
+                raise _invalid("params may not contain lone UTF-16 surrogates (\\ud800-\\udfff).", "params")
+        elif isinstance(value, bool) or value is None:
+            pass
+        elif isinstance(value, int):
+            if not -(2**63) <= value < 2**63:
+                raise _invalid("params numbers are too large (integers must fit in 64 bits).", "params")
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise _invalid("params numbers must be finite (no NaN or infinity).", "params")
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_PARAMS_DEPTH:
+                raise _invalid(f"params may be nested at most {MAX_PARAMS_DEPTH} levels deep.", "params")
+            if isinstance(value, dict):
+                if not all(isinstance(key, str) for key in value):
+                    raise _invalid("params keys must be strings.", "params")
+                stack.extend((key, depth) for key in value)
+                stack.extend((item, depth + 1) for item in value.values())
+            else:
+                stack.extend((item, depth + 1) for item in value)
+        else:
+            raise _invalid(f"params may hold only JSON values, not {type(value).__name__}.", "params")
+    if len(json.dumps(params).encode()) > MAX_PARAMS_BYTES:
+        raise _invalid(f"params may be at most {MAX_PARAMS_BYTES // 1024} KiB as JSON.", "params")
     for name in ("lora_version", "style_lora"):
         if name in params and (isinstance(params[name], bool) or not isinstance(params[name], int)):
             raise _invalid(f"params.{name} must be an integer.", f"params.{name}")
