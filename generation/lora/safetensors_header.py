@@ -9,6 +9,8 @@ tensor data. Parsing it ourselves lets uploads be checked before anything trusts
 from __future__ import annotations
 
 import json
+import math
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,12 @@ import torch
 
 #: a real LoRA header is a few hundred KB at most; this bounds what we read before trusting the file
 MAX_HEADER_BYTES = 64 * 1024 * 1024
+#: LoRA weights are 2-D (linear) or 4-D (conv); torch refuses more than a few dozen dimensions anyway
+MAX_DIMS = 8
+#: elements of one tensor, zero-sized dimensions counted as 1: keeps torch's sizes and strides in int64
+#: (a shape like [0, 10**20] holds no data, so its byte count alone cannot refuse it)
+MAX_ELEMENTS = 2**40
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -88,6 +96,21 @@ def describe_foreign_bytes(head: bytes) -> str:
     return "not a safetensors file"
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true/false are not sizes
+
+
+def _short(value) -> str:
+    """A value from the header for a message: never the repr of a hostile nested structure."""
+    if isinstance(value, tuple) and all(_is_int(d) for d in value):
+        text = str(list(value))
+    elif isinstance(value, str):
+        text = repr(value)
+    else:
+        return f"of type {type(value).__name__}"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def read_header(source: bytes | memoryview | Path, size: int) -> SafetensorsHeader:
     """Parse and check the header of `source` (`size` bytes in all); raise NotSafetensors when malformed."""
     if isinstance(source, Path):
@@ -104,14 +127,19 @@ def read_header(source: bytes | memoryview | Path, size: int) -> SafetensorsHead
         raise NotSafetensors(f"The file is {describe_foreign_bytes(head)}, not safetensors.")
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except RecursionError:
+        raise NotSafetensors("The safetensors header is nested too deeply.") from None
+    except ValueError:  # bad UTF-8, bad JSON, or an integer of thousands of digits
         raise NotSafetensors(f"The file is {describe_foreign_bytes(head)}, not safetensors.") from None
     if not isinstance(header, dict):
         raise NotSafetensors("The safetensors header is not a JSON object.")
 
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise NotSafetensors("The safetensors __metadata__ is not an object.")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise NotSafetensors("The safetensors __metadata__ is not an object of strings.")
+    # "\ud800" escapes decode to lone surrogates, which no UTF-8 response (or the safetensors library) can hold
+    if any(_SURROGATE.search(text) for text in (*header, *metadata, *metadata.values())):
+        raise NotSafetensors("The safetensors header holds a lone UTF-16 surrogate, which is not text.")
     data_size = size - 8 - length
     tensors: dict[str, TensorEntry] = {}
     for name, value in header.items():
@@ -120,14 +148,17 @@ def read_header(source: bytes | memoryview | Path, size: int) -> SafetensorsHead
         except (KeyError, TypeError, ValueError):
             raise NotSafetensors(f"The safetensors entry {name!r} is malformed.") from None
         if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise NotSafetensors(f"Tensor {name!r} has an unsupported dtype {dtype!r}.")
-        if not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise NotSafetensors(f"Tensor {name!r} has an invalid shape {list(shape)}.")
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_size):
+            raise NotSafetensors(f"Tensor {name!r} has an unsupported dtype {_short(dtype)}.")
+        if not (
+            isinstance(value["shape"], list)
+            and len(shape) <= MAX_DIMS
+            and all(_is_int(d) and d >= 0 for d in shape)
+            and math.prod(max(d, 1) for d in shape) <= MAX_ELEMENTS
+        ):
+            raise NotSafetensors(f"Tensor {name!r} has an invalid shape {_short(shape)}.")
+        if not (_is_int(begin) and _is_int(end) and 0 <= begin <= end <= data_size):
             raise NotSafetensors(f"Tensor {name!r} points outside the file (truncated upload?).")
-        count = 1
-        for dim in shape:
-            count *= dim
+        count = math.prod(shape)
         if (end - begin) != count * DTYPES[dtype].itemsize:
             raise NotSafetensors(f"Tensor {name!r} has {end - begin} bytes for shape {list(shape)} {dtype}.")
         tensors[name] = TensorEntry(dtype, shape, begin, end)

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,6 +181,13 @@ def _convert(header: SafetensorsHeader, spec: BaseSpec, models_dir: Path) -> dic
     state_dict = header.meta_tensors()
     for name in state_dict:
         if name.endswith(".alpha"):
+            # kohya's alpha is one number per module; anything bigger is not a LoRA (and is not read into memory)
+            shape = header.tensors[name].shape
+            if math.prod(shape) != 1:
+                raise InvalidLora(
+                    f"The kohya alpha {name!r} must be a single number, not a tensor of shape {list(shape)}.",
+                    details={"tensor": name},
+                )
             state_dict[name] = header.read_tensor(name)
     try:
         return run(state_dict)
