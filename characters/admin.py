@@ -15,7 +15,7 @@ from alkemy.tenancy.admin_base import TENANT_FILTER, TenantScopedAdmin, TenantSc
 from alkemy.tenancy.models import Tenant
 from characters.models import Character, ReferenceImage
 from characters.services import character_delete, faces_search, reference_add, reference_delete
-from characters.thumbnails import reference_thumbnail
+from characters.thumbnails import reference_thumbnail, thumbnail_size
 
 
 class MultipleFileInput(forms.ClearableFileInput):
@@ -220,7 +220,7 @@ class CharacterAdmin(TenantScopedAdmin):
         reference = ReferenceImage.objects.filter(pk=reference_id).first()
         if reference is None:
             raise Http404("No such reference photo.")
-        size = min(max(int(request.GET.get("size", 256) or 256), 32), 1024)
+        size = thumbnail_size(request.GET.get("size"))
         data = reference_thumbnail(reference, size=size, face_only=request.GET.get("face") == "1")
         response = HttpResponse(data, content_type="image/jpeg")
         response["Cache-Control"] = "private, max-age=300"

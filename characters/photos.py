@@ -7,16 +7,45 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from django.conf import settings
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from alkemy.errors import Unprocessable
 
 ACCEPTED_FORMATS = {"JPEG", "PNG", "WEBP"}
+#: no detector finds a face in fewer pixels than this; thinner images (2100x1) are refused before analysis
+MIN_PHOTO_SIDE = 32
+
+#: EXIF Orientation → the transposition that shows the photo upright (as `ImageOps.exif_transpose`)
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def oriented(image: Image.Image) -> Image.Image:
+    """The image turned upright by its EXIF Orientation; everyone who reads a stored photo must use this.
+
+    Not `ImageOps.exif_transpose`: besides turning the pixels it rewrites the EXIF block, which raises
+    `struct.error` when another tag has an unexpected type (PlanarConfiguration stored as ASCII), and we
+    only need the pixels. EXIF that cannot be read at all is ignored, as browsers do.
+    """
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except (struct.error, ValueError, TypeError, KeyError, IndexError, OSError, SyntaxError):
+        orientation = 1
+    method = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    return image.transpose(method) if method is not None else image
 
 
 @dataclass
@@ -74,8 +103,16 @@ def load_photo(data: bytes, *, max_pixels: int | None = None) -> Photo:
                     height=height,
                     max_pixels=max_pixels,
                 )
+            if min(width, height) < MIN_PHOTO_SIDE:
+                raise Unprocessable(
+                    f"The image is {width}x{height} pixels; a face photo needs at least {MIN_PHOTO_SIDE} pixels "
+                    "on each side.",
+                    code="face_too_small",
+                    field="image",
+                    details={"width": width, "height": height, "min_side": MIN_PHOTO_SIDE},
+                )
             image.load()
-            image = ImageOps.exif_transpose(image)
+            image = oriented(image)
             pixels = np.asarray(image.convert("RGB"))
     except Unprocessable:
         raise

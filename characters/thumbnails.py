@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import io
 
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 
 from characters.models import ReferenceImage
+from characters.photos import oriented
 
 BOX_COLOUR = (46, 204, 113)
 OTHER_COLOUR = (230, 126, 34)
+DEFAULT_SIZE, MIN_SIZE, MAX_SIZE = 256, 32, 1024
 
 
-def reference_thumbnail(reference: ReferenceImage, *, size: int = 256, face_only: bool = False) -> bytes:
+def thumbnail_size(raw: str | None) -> int:
+    """A thumbnail's side from a `?size=` query value: clamped to 32-1024 px, the default when not a number."""
+    try:
+        size = int(raw)
+    except (TypeError, ValueError):
+        return DEFAULT_SIZE
+    return min(max(size, MIN_SIZE), MAX_SIZE)
+
+
+def reference_thumbnail(reference: ReferenceImage, *, size: int = DEFAULT_SIZE, face_only: bool = False) -> bytes:
     """JPEG bytes: the oriented photo (or just the face) with the subject's box and keypoints."""
     with reference.file.open("rb") as handle:
-        image = ImageOps.exif_transpose(Image.open(handle)).convert("RGB")
+        image = oriented(Image.open(handle)).convert("RGB")
     x1, y1, x2, y2 = reference.face_box
     if face_only:
         margin = 0.25 * (x2 - x1)

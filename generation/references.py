@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from alkemy.errors import Unprocessable
 from characters.faces import resolve_embedder_name
 from characters.models import Character, CharacterIdentity, FaceEmbedding, ReferenceImage
+from characters.photos import oriented
 from generation.methods.base import ReferenceFace
 
 
@@ -22,7 +23,7 @@ def reference_faces(*, character: Character, embedder: str | None = None) -> lis
     faces = []
     for reference in references:
         with reference.file.open("rb") as handle:
-            pixels = np.asarray(ImageOps.exif_transpose(Image.open(handle)).convert("RGB"))
+            pixels = np.asarray(oriented(Image.open(handle)).convert("RGB"))
         faces.append(
             ReferenceFace(
                 image=pixels,

@@ -13,5 +13,5 @@ def downscale(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
     if longest <= max_side:
         return image, 1.0
     factor = longest / max_side
-    size = (round(width / factor), round(height / factor))
+    size = (max(round(width / factor), 1), max(round(height / factor), 1))  # a 5000x1 strip stays 1 px high
     return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR)), factor

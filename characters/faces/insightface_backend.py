@@ -53,6 +53,9 @@ class InsightFaceEmbedder(FaceEmbedder):
     def analyze(self, image: np.ndarray) -> list[DetectedFace]:
         from insightface.utils import face_align
 
+        height, width = image.shape[:2]
+        if min(height, width) * DETECT_SIZE[0] < max(height, width):
+            return []  # SCRFD's resize to DETECT_SIZE would leave the short side under one pixel (cv2 raises)
         bgr = np.ascontiguousarray(image[:, :, ::-1])
         with self._lock:
             boxes, keypoints = self._detector.detect(bgr, input_size=DETECT_SIZE, max_num=0)
