@@ -17,6 +17,7 @@ api_v1 = [
     path("", include("characters.urls")),
     path("", include("generation.urls")),
     path("", include("training.urls")),
+    path("", include("usage.urls")),
     path("", include("alkemy.webhooks.urls")),
 ]
 

@@ -1,7 +1,8 @@
 """Generation endpoints: submit (202), list, read, cancel, download outputs."""
 
 from django.http import FileResponse
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import mixins
 from rest_framework.decorators import action
 from rest_framework.response import Response
@@ -14,6 +15,7 @@ from generation import jobs
 from generation.filters import GenerationFilter
 from generation.models import GeneratedImage, GenerationJob
 from generation.serializers import GenerationCreateSerializer, GenerationJobSerializer
+from usage.api import RetryAfterMixin
 
 IDEMPOTENCY_PARAMETER = OpenApiParameter(
     "Idempotency-Key",
@@ -23,9 +25,21 @@ IDEMPOTENCY_PARAMETER = OpenApiParameter(
     description="A retry with the same key and body returns the same job; a different body answers 409.",
 )
 
+DRY_RUN_PARAMETER = OpenApiParameter(
+    "dry_run",
+    bool,
+    OpenApiParameter.QUERY,
+    required=False,
+    description="true: answer 200 with the cost estimate, device seconds, GPU class and budget verdict; no job.",
+)
 
-class GenerationViewSet(TenantViewSet, mixins.ListModelMixin, mixins.RetrieveModelMixin):
-    """Generation jobs of the tenant. Filter with `?character=`, `?status=`, `?method=`."""
+
+class GenerationViewSet(RetryAfterMixin, TenantViewSet, mixins.ListModelMixin, mixins.RetrieveModelMixin):
+    """Generation jobs of the tenant. Filter with `?character=`, `?status=`, `?method=`.
+
+    Submitting is admitted by the tenant's budget and job limits: 402 `budget_exceeded`, 429 `too_many_jobs`
+    (with `Retry-After`). `?dry_run=true` answers 200 with the estimate and the verdicts, creating nothing.
+    """
 
     serializer_class = GenerationJobSerializer
     filterset_class = GenerationFilter
@@ -44,14 +58,22 @@ class GenerationViewSet(TenantViewSet, mixins.ListModelMixin, mixins.RetrieveMod
     @extend_schema(
         summary="Render a character in a new scene",
         request=GenerationCreateSerializer,
-        responses={202: GenerationJobSerializer},
-        parameters=[IDEMPOTENCY_PARAMETER],
+        responses={
+            202: GenerationJobSerializer,
+            200: OpenApiResponse(OpenApiTypes.OBJECT, description="dry_run: the estimate and verdicts, no job"),
+            402: OpenApiResponse(OpenApiTypes.OBJECT, description="budget_exceeded: spent, limit, estimate in details"),
+            429: OpenApiResponse(OpenApiTypes.OBJECT, description="too_many_jobs, with a Retry-After header"),
+        },
+        parameters=[IDEMPOTENCY_PARAMETER, DRY_RUN_PARAMETER],
     )
     def create(self, request):
         form = GenerationCreateSerializer(data=request.data)
         form.is_valid(raise_exception=True)
         data = dict(form.validated_data)
         character = character_get(tenant=self.tenant, character_id=data.pop("character"))
+        if request.query_params.get("dry_run", "").lower() in ("1", "true", "yes"):
+            quote, _ = jobs.generation_submit(tenant=self.tenant, character=character, dry_run=True, **data)
+            return Response({"dry_run": True, **quote.as_dict()}, status=200)
         principal = request.user
         job, _ = jobs.generation_submit(
             tenant=self.tenant,

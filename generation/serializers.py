@@ -1,3 +1,4 @@
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
@@ -45,16 +46,23 @@ class GenerationJobSerializer(serializers.ModelSerializer):
     error = serializers.SerializerMethodField()
     queue_wait_seconds = serializers.FloatField(read_only=True)
     run_seconds = serializers.FloatField(read_only=True)
+    cost = serializers.SerializerMethodField(help_text="USD: the job's ledger events and total, and its estimate")
 
     class Meta:
         model = GenerationJob
         fields = [
             "id", "status", "character", "method", "embedder", "prompt", "negative_prompt", "width", "height",
             "steps", "guidance", "seed", "num_images", "params", "progress", "current_step", "total_steps",
-            "attempt", "cancel_requested", "error", "outputs", "device", "device_seconds", "usage", "queued_at",
+            "attempt", "cancel_requested", "error", "outputs", "device", "device_seconds", "usage", "cost", "queued_at",
             "started_at", "finished_at", "queue_wait_seconds", "run_seconds",
         ]  # fmt: skip
         read_only_fields = fields
+
+    @extend_schema_field(OpenApiTypes.OBJECT)
+    def get_cost(self, obj) -> dict:
+        from usage.selectors import job_cost
+
+        return job_cost(job_kind="generation", job_id=obj.pk, tenant_id=obj.tenant_id)
 
     @extend_schema_field(ErrorSerializer(allow_null=True))
     def get_error(self, obj):
