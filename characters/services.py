@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -42,10 +43,23 @@ def normalise_tags(tags: Iterable[str]) -> list[str]:
     return result
 
 
-def _unique_slug(*, tenant: Tenant, name: str) -> str:
-    base = slugify(name)[:90] or "character"
+def _unique_slug(*, tenant: Tenant, name: str, exclude_pk: int | None = None) -> str:
+    """A free slug for `name` in the tenant: `name`, else `name-2`, `name-3`... found with one query.
+
+    Names without Latin letters ("山田 太郎") have no ASCII slug; they get `character-` and a short random
+    suffix, so they neither all share one base nor queue up behind it. (Unicode slugs would need the
+    model's SlugField to allow them, or admin could not save such a character.)
+    """
+    base = slugify(name)[:90] or f"character-{secrets.token_hex(4)}"
+    # slugify leaves only [a-z0-9_-], so the base needs no escaping in the pattern
+    taken = set(
+        Character.objects.unscoped()
+        .filter(tenant=tenant, slug__regex=rf"^{base}(-[0-9]+)?$")
+        .exclude(pk=exclude_pk)
+        .values_list("slug", flat=True)
+    )
     slug, n = base, 2
-    while Character.objects.unscoped().filter(tenant=tenant, slug=slug).exists():
+    while slug in taken:
         slug, n = f"{base}-{n}", n + 1
     return slug
 
@@ -100,6 +114,10 @@ def character_update(*, character: Character, **changes) -> Character:
             raise AlkemyError("A character needs a name.", code="invalid_name", field="name")
     if "tags" in changes:
         changes["tags"] = normalise_tags(changes["tags"])
+    if "slug" in changes and not (changes["slug"] or "").strip():
+        # an empty slug means "derive it from the name", as at creation
+        name = changes.get("name", character.name)
+        changes["slug"] = _unique_slug(tenant=character.tenant, name=name, exclude_pk=character.pk)
     for field, value in changes.items():
         setattr(character, field, value)
     return _save(character)

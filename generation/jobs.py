@@ -17,7 +17,7 @@ from characters.faces import resolve_embedder_name
 from characters.models import Character, CharacterIdentity
 from generation.gemini.client import allowed_model
 from generation.methods import DEFAULT_METHOD, DEFAULT_STEPS, IDENTITY_METHODS, METHOD_CLUSTERS, METHODS
-from generation.models import GenerationJob
+from generation.models import GeneratedImage, GenerationJob
 from usage.services import usage_admit
 
 GPU_CLUSTER = "gpu"
@@ -303,3 +303,15 @@ def notify(job: GenerationJob, status: str) -> None:
 
     job.refresh_from_db()
     emit(tenant_id=job.tenant_id, event=f"generation.{status}", payload=job_payload(job))
+
+
+def generation_job_delete(*, job: GenerationJob) -> None:
+    """Delete a finished job with its outputs (files after commit); refused while it is queued or running."""
+    from alkemy.files import delete_files_on_commit
+
+    if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
+        raise Conflict("The job is still queued or running; cancel it first.", code="job_not_finished")
+    with transaction.atomic():
+        names = list(GeneratedImage.objects.unscoped().filter(job=job).values_list("file", flat=True))
+        job.delete()
+        delete_files_on_commit(names)

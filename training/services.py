@@ -75,7 +75,10 @@ def lora_upload(
 
 
 def lora_select(*, artifact: LoraArtifact) -> LoraArtifact:
+    """Make `artifact` the character's version in use. Concurrent selects (and uploads) of one character
+    queue on its row, so the one-selected-per-character constraint never sees two at once."""
     with transaction.atomic():
+        Character.objects.unscoped().select_for_update().filter(pk=artifact.character_id).first()
         LoraArtifact.objects.unscoped().filter(character_id=artifact.character_id, is_selected=True).update(
             is_selected=False
         )
