@@ -1,0 +1,45 @@
+"""django-q2 entry points for training jobs; the logic lives in worker.py and jobs.py."""
+
+from __future__ import annotations
+
+import logging
+
+from django.conf import settings
+from django.db import transaction
+
+from alkemy.jobs import JobStatus, job_requeue_or_fail, jobs_expired
+from training.models import TrainingJob
+
+logger = logging.getLogger(__name__)
+
+
+def run_training_job(job_id: int) -> str:
+    """GPU cluster: run one training job (a duplicate delivery returns 'skipped')."""
+    from training.worker import run_training_job as run
+
+    return run(job_id)
+
+
+def reap_training_jobs() -> dict:
+    """Default cluster, every minute (as the generation reaper): a training job whose worker stopped
+    heartbeating goes back to the queue, where the next worker resumes it from its checkpoint, or fails
+    `worker_lost` after ALKEMY_JOB_MAX_ATTEMPTS starts."""
+    from training.jobs import enqueue, notify
+    from training.worker import _record_usage, delete_checkpoint
+
+    counts = {"requeued": 0, "failed": 0, "canceled": 0}
+    for job in jobs_expired(TrainingJob):
+        with transaction.atomic():  # a job the reaper ends is billed in the same transaction
+            outcome = job_requeue_or_fail(TrainingJob, job, max_attempts=settings.ALKEMY_JOB_MAX_ATTEMPTS)
+            if outcome in (JobStatus.FAILED, JobStatus.CANCELED):
+                _record_usage(job)
+                delete_checkpoint(job.pk)
+        if outcome == JobStatus.QUEUED:
+            counts["requeued"] += 1
+            logger.warning("training %s: worker %s lost, re-queued (attempt %s)", job.pk, job.worker, job.attempt)
+            notify(job, JobStatus.QUEUED)
+            enqueue(job.pk)
+        elif outcome in (JobStatus.FAILED, JobStatus.CANCELED):
+            counts[outcome] += 1
+            notify(job, outcome)
+    return counts
