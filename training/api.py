@@ -3,10 +3,11 @@
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.decorators import action
-from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
 
 from alkemy.api.base import TenantViewSet
+from alkemy.api.parsers import JSONParser
 from alkemy.errors import NotFound
 from characters.selectors import character_get
 from training import services
