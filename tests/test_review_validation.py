@@ -86,6 +86,12 @@ def test_deeply_nested_json_is_400_malformed_request_on_any_json_endpoint(api_a,
         assert_error(raw_json(api_a, path, text, method), 400, "malformed_request")
 
 
+def test_views_that_declare_their_own_parsers_refuse_deep_json_too(api_a, studio_a):
+    kai = character_create(tenant=studio_a.tenant, name="Kai")
+    body = '{"base_model": ' + "[" * DEEP + "]" * DEEP + "}"
+    assert_error(raw_json(api_a, f"/api/v1/characters/{kai.pk}/loras", body), 400, "malformed_request")
+
+
 def test_character_patch_is_400_for_deep_json_and_lone_surrogates(api_a, studio_a):
     character = character_create(tenant=studio_a.tenant, name="Kai")
     path = f"/api/v1/characters/{character.pk}"
