@@ -57,6 +57,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI served from our static files, pinned by the package version
     "django_q",
     "alkemy",
     "alkemy.tenancy",
@@ -149,6 +150,10 @@ REST_FRAMEWORK = {
         "rest_framework.filters.SearchFilter",
         "rest_framework.filters.OrderingFilter",
     ],
+    # JSON out, whatever the client asks for: the browsable HTML API rendered after the tenant scope closed
+    # (500). See alkemy/api/negotiation.py.
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_CONTENT_NEGOTIATION_CLASS": "alkemy.api.negotiation.SingleRendererNegotiation",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "alkemy.api.errors.exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
@@ -165,6 +170,10 @@ SPECTACULAR_SETTINGS = {
     "SCHEMA_PATH_PREFIX": r"/api/v1",
     "COMPONENT_SPLIT_REQUEST": True,
     "ENUM_NAME_OVERRIDES": {"BaseModelEnum": "training.models.BaseModel"},
+    # Swagger UI from drf-spectacular-sidecar's static files (version pinned in requirements), not a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 # Queue: django-q2. The ORM broker (same PostgreSQL) by default; Redis when REDIS_URL is set.
@@ -208,6 +217,10 @@ LOGGING = {
 if not DEBUG:
     SESSION_COOKIE_SECURE = env_bool("ALKEMY_SECURE_COOKIES", False)
     CSRF_COOKIE_SECURE = env_bool("ALKEMY_SECURE_COOKIES", False)
+
+# Operators (monitoring) read GET /api/v1/health in detail with `Authorization: Bearer <this>`; empty: only
+# superusers' sessions do. Everyone else gets the bare liveness answer.
+ALKEMY_OPERATOR_TOKEN = os.environ.get("ALKEMY_OPERATOR_TOKEN", "")
 
 # Shared across processes (web, both clusters): django-q2 keeps cluster heartbeats here.
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "alkemy_cache"}}

@@ -27,5 +27,6 @@ urlpatterns = [
 ]
 
 # Media files are never served by URL alone: every download goes through a view that checks the tenant.
+handler400 = "alkemy.api.errors.handler400"
 handler404 = "alkemy.api.errors.handler404"
 handler500 = "alkemy.api.errors.handler500"

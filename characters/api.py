@@ -9,6 +9,7 @@ from rest_framework.response import Response
 
 from alkemy.api.base import TenantAPIView, TenantModelViewSet, TenantViewSet
 from alkemy.tenancy.authentication import ApiKeyPrincipal
+from alkemy.tenancy.models import Role
 from characters import selectors, services
 from characters.filters import CharacterFilter
 from characters.serializers import (
@@ -156,6 +157,8 @@ class ReferenceViewSet(TenantViewSet):
 
 class FaceSearchView(TenantAPIView):
     parser_classes = [MultiPartParser, FormParser]
+    # A search is a read that POSTs its photo: every role may search, viewers included.
+    write_roles = frozenset(Role)
 
     @extend_schema(
         summary="Find the tenant's characters by a photo",

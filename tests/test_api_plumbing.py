@@ -1,17 +1,39 @@
 """Health, OpenAPI schema, the error format and pagination."""
 
+import json
+import re
+from pathlib import Path
+
 import pytest
 import yaml
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.staticfiles import finders
 from openapi_spec_validator import validate
 from rest_framework.test import APIClient
 
-from characters.services import character_create
+from alkemy.tenancy.models import Role
+from alkemy.tenancy.services import api_key_create
+from characters.services import character_create, reference_add
+from tests import photos
 
 pytestmark = pytest.mark.django_db
 
 
-def test_health_reports_postgres_and_pgvector_at_least_0_8():
-    response = APIClient().get("/api/v1/health")
+def assert_error(response, status: int, code: str | None = None) -> dict:
+    """`response` is `status` with the error envelope (and `code`, when given); returns the error."""
+    assert response.status_code == status, response.content[:300]
+    assert response["Content-Type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"code", "message", "details"}
+    if code:
+        assert error["code"] == code
+    return error
+
+
+def test_health_reports_postgres_and_pgvector_at_least_0_8(settings):
+    settings.ALKEMY_OPERATOR_TOKEN = "operator-token"  # the details are for operators only
+    response = APIClient(HTTP_AUTHORIZATION="Bearer operator-token").get("/api/v1/health")
     assert response.status_code == 200
     database = response.json()["database"]
     assert database["ok"] is True
@@ -113,3 +135,104 @@ def test_create_generates_slug_and_normalises_tags(api_a):
     assert body["tags"] == ["lead", "scifi"]
     again = api_a.post("/api/v1/characters", {"name": "Dr. Ada Ng"}, format="json").json()
     assert again["slug"] == "dr-ada-ng-2"
+
+
+# --- JSON only, whatever the client asks for (review item 12) ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "request_kwargs",
+    [{"path": "/api/v1/characters?format=api"}, {"path": "/api/v1/characters", "HTTP_ACCEPT": "text/html"}],
+    ids=["format=api", "accept-html"],
+)
+def test_html_requests_get_the_json_list_not_a_500(studio_a, api_a, request_kwargs):
+    character_create(tenant=studio_a.tenant, name="Kai")
+    api_a.raise_request_exception = False
+    response = api_a.get(**request_kwargs)
+    assert response.status_code == 200
+    assert response["Content-Type"] == "application/json"
+    assert [c["name"] for c in response.json()["results"]] == ["Kai"]
+
+
+def test_html_request_for_a_missing_object_gets_the_json_error(api_a):
+    response = api_a.get("/api/v1/generations/999999", HTTP_ACCEPT="text/html")
+    assert_error(response, 404, "generation_not_found")
+
+
+def test_schema_is_still_served_as_yaml_or_json():
+    assert APIClient().get("/api/v1/schema")["Content-Type"].startswith("application/vnd.oai.openapi")
+    assert APIClient().get("/api/v1/schema?format=json")["Content-Type"].startswith("application/vnd.oai.openapi+json")
+
+
+# --- searching by photo is a read (review item 13) -----------------------------------------------
+
+
+def test_viewer_key_can_search_faces(studio_a, media_root):
+    astronaut = character_create(tenant=studio_a.tenant, name="Eileen")
+    reference_add(character=astronaut, upload=photos.upload(photos.astronaut()))
+    _, viewer_key = api_key_create(tenant=studio_a.tenant, name="viewer", role=Role.VIEWER)
+
+    response = studio_a.client(viewer_key).post(
+        "/api/v1/search/faces", {"image": photos.upload(photos.astronaut())}, format="multipart"
+    )
+
+    assert response.status_code == 200, response.content[:300]
+    assert response.json()["results"][0]["character"]["name"] == "Eileen"
+
+
+def test_viewer_key_still_cannot_write(studio_a):
+    _, viewer_key = api_key_create(tenant=studio_a.tenant, name="viewer", role=Role.VIEWER)
+    response = studio_a.client(viewer_key).post("/api/v1/characters", {"name": "X"}, format="json")
+    assert_error(response, 403, "read_only_role")
+
+
+# --- oversized bodies, pinned Swagger UI, health for operators (review item 20) ------------------
+
+
+def test_oversized_json_body_is_413_in_the_error_format(api_a):
+    body = json.dumps({"name": "x" * (settings.DATA_UPLOAD_MAX_MEMORY_SIZE + 1)})
+    response = api_a.post("/api/v1/characters", body, content_type="application/json")
+    error = assert_error(response, 413, "request_too_large")
+    assert error["details"]["limit_bytes"] == settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+
+
+def test_oversized_multipart_form_is_413_in_the_error_format(api_a):
+    response = api_a.post(
+        "/api/v1/search/faces",
+        {"image": photos.upload(photos.astronaut()), "limit": "1" * (settings.DATA_UPLOAD_MAX_MEMORY_SIZE + 1)},
+        format="multipart",
+    )
+    assert_error(response, 413, "request_too_large")
+
+
+def test_docs_load_pinned_swagger_ui_from_our_static_files():
+    page = APIClient().get("/api/v1/docs").content.decode()
+    assert "cdn.jsdelivr.net" not in page and "@latest" not in page
+    assets = re.findall(r'(?:src|href)="([^"]+\.(?:js|css|png))"', page)
+    assert {Path(asset).name for asset in assets} >= {"swagger-ui-bundle.js", "swagger-ui.css"}
+    for asset in assets:
+        assert asset.startswith(settings.STATIC_URL) or asset.startswith("/" + settings.STATIC_URL), asset
+        assert finders.find(asset.split(settings.STATIC_URL, 1)[1]), f"{asset} is not in our static files"
+
+
+def test_public_health_answers_liveness_only(api_a):
+    for client in (APIClient(), api_a):  # anonymous, and a tenant's API key: neither is an operator
+        response = client.get("/api/v1/health")
+        assert response.status_code == 200
+        assert response.json() == {"status": "ok"}
+
+
+def test_superuser_session_sees_health_details():
+    admin = get_user_model().objects.create_superuser("root", "root@example.com", "pw-root-123")
+    client = APIClient()
+    client.force_login(admin)
+    body = client.get("/api/v1/health").json()
+    assert body["database"]["ok"] is True and body["queue"]["broker"] == "orm"
+
+
+def test_operator_token_sees_health_details_and_a_wrong_one_does_not(settings):
+    settings.ALKEMY_OPERATOR_TOKEN = "op-token-for-tests"
+    operator = APIClient(HTTP_AUTHORIZATION="Bearer op-token-for-tests").get("/api/v1/health").json()
+    assert "database" in operator and "queue" in operator
+    stranger = APIClient(HTTP_AUTHORIZATION="Bearer op-token-for-test").get("/api/v1/health").json()
+    assert stranger == {"status": "ok"}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 
+from django.conf import settings
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions, status
 from rest_framework.response import Response
@@ -56,10 +58,27 @@ def _first_message(value) -> str:
     return str(value) if value else "Invalid input."
 
 
+_TOO_LARGE = (RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent)
+
+
+def request_too_large_body(exc: Exception) -> dict:
+    """413 body for a request Django refused to read: its body or its form has too much in it."""
+    if isinstance(exc, RequestDataTooBig):
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        return error_body(
+            "request_too_large",
+            f"The request body is larger than {limit} bytes (photos and LoRA files go as multipart uploads).",
+            {"limit_bytes": limit},
+        )
+    return error_body("request_too_large", "The request has too many form fields or files.")
+
+
 def exception_handler(exc, context):
     """DRF exception handler: AlkemyError, DRF and Django exceptions → our error body."""
     if isinstance(exc, AlkemyError):
         return Response(error_body(exc.code, exc.message, exc.details), status=exc.status_code)
+    if isinstance(exc, _TOO_LARGE):
+        return Response(request_too_large_body(exc), status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, DjangoPermissionDenied):
@@ -90,6 +109,17 @@ def exception_handler(exc, context):
 
 def _is_api(request) -> bool:
     return request.path.startswith("/api/")
+
+
+def handler400(request, exception=None):
+    """Django's own 400s (a body too large to read, a suspicious request) in our format under /api/."""
+    if _is_api(request):
+        if isinstance(exception, _TOO_LARGE):
+            return JsonResponse(request_too_large_body(exception), status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
+        return JsonResponse(error_body("bad_request", "The request could not be read."), status=400)
+    from django.views.defaults import bad_request
+
+    return bad_request(request, exception)
 
 
 def handler404(request, exception=None):
