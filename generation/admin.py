@@ -1,7 +1,7 @@
 from django.contrib import admin, messages
 from django.http import FileResponse, Http404
 from django.urls import path, reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
 from alkemy.errors import AlkemyError
 from alkemy.jobs import JobStatus
@@ -35,7 +35,7 @@ class GenerationJobAdmin(TenantScopedAdmin):
                     "device_seconds"]  # fmt: skip
     list_filter = ["status", "method", TENANT_FILTER]
     search_fields = ["prompt", "character__name"]
-    readonly_fields = [f.name for f in GenerationJob._meta.fields] + ["queue_wait_seconds", "run_seconds"]
+    readonly_fields = [f.name for f in GenerationJob._meta.fields] + ["queue_wait_seconds", "run_seconds", "cost"]
     fieldsets = [
         ("Status", {"fields": ["status", "progress", ("current_step", "total_steps"), "cancel_requested",
                                ("error_code", "error_message"), "error_details"]}),
@@ -43,7 +43,7 @@ class GenerationJobAdmin(TenantScopedAdmin):
                                 ("steps", "guidance", "seed", "num_images"), "params", ("lora", "style_lora"),
                                 ("requested_by", "requested_by_api_key"), "idempotency_key"]}),
         ("Run", {"fields": [("queued_at", "started_at", "finished_at"), ("queue_wait_seconds", "run_seconds"),
-                            ("device", "device_seconds"), "usage", "embedder"]}),
+                            ("device", "device_seconds"), "usage", "cost", "embedder"]}),
         ("Worker and lease", {"classes": ["collapse"],
                               "fields": ["attempt", "worker", "lease_expires_at", "heartbeat_at", "request_hash"]}),
     ]  # fmt: skip
@@ -52,6 +52,20 @@ class GenerationJobAdmin(TenantScopedAdmin):
 
     def has_add_permission(self, request):
         return False  # submitted through the API, which validates and enqueues
+
+    @admin.display(description="Cost (USD)")
+    def cost(self, obj):
+        from usage.selectors import job_cost
+
+        cost = job_cost(job_kind="generation", job_id=obj.pk, tenant_id=obj.tenant_id)
+        rows = format_html_join(
+            "", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            ((e["meter"], e["gpu_class"] or "", e["quantity"], e["cost"], "billed" if e["billable"] else
+              f"not billed ({e['reason']})") for e in cost["events"]),
+        )  # fmt: skip
+        estimate = f"estimated {cost['estimated']}; " if cost["estimated"] else ""
+        total = f"billed {cost['total']} (${cost['total_usd']})"
+        return format_html("<p>{}{}</p><table>{}</table>", estimate, total, rows)
 
     @admin.display(description="Progress")
     def progress_percent(self, obj):

@@ -129,9 +129,9 @@ def usage_summary(*, tenant_id: int, start: datetime, end: datetime, group_by: s
     """Totals and groups of the tenant's events in [start, end). `cost` counts billable events only
     (the spend), `unbilled_cost` what failures on our side would have cost; groups add up to the total."""
     events = UsageEvent.objects.unscoped().filter(tenant_id=tenant_id, occurred_at__gte=start, occurred_at__lt=end)
-    sums = {
-        "cost": Sum("cost", filter=Q(billable=True), default=ZERO),
-        "unbilled_cost": Sum("cost", filter=Q(billable=False), default=ZERO),
+    sums = {  # aliases may not reuse the model's field names
+        "billed": Sum("cost", filter=Q(billable=True), default=ZERO),
+        "unbilled": Sum("cost", filter=Q(billable=False), default=ZERO),
         "events": Count("id"),
     }
     if group_by == "method":
@@ -141,17 +141,16 @@ def usage_summary(*, tenant_id: int, start: datetime, end: datetime, group_by: s
         rows = events.annotate(day=TruncDate("occurred_at", tzinfo=UTC)).values("day").annotate(**sums).order_by("day")
         key = lambda row: {"day": row["day"].isoformat()}  # noqa: E731
     elif group_by == "meter":
-        rows = events.values("meter").annotate(**sums, quantity=Sum("quantity")).order_by("meter")
-        key = lambda row: {"meter": row["meter"], "quantity": str(row["quantity"])}  # noqa: E731
+        rows = events.values("meter").annotate(**sums, amount=Sum("quantity")).order_by("meter")
+        key = lambda row: {"meter": row["meter"], "quantity": str(row["amount"])}  # noqa: E731
     elif group_by == "character":
-        rows = events.values("character_id").annotate(**sums, character_name=Max("character_name"))
-        rows = rows.order_by("character_id")
-        key = lambda row: {"character": row["character_id"], "character_name": row["character_name"] or None}  # noqa: E731
+        rows = events.values("character_id").annotate(**sums, name=Max("character_name")).order_by("character_id")
+        key = lambda row: {"character": row["character_id"], "character_name": row["name"] or None}  # noqa: E731
     else:
         raise ValueError(f"group_by must be one of {', '.join(GROUP_BY)}")
     groups = [
-        {**key(row), "cost": exact(row["cost"]), "cost_usd": str(cents(row["cost"])),
-         "unbilled_cost": exact(row["unbilled_cost"]), "events": row["events"]}
+        {**key(row), "cost": exact(row["billed"]), "cost_usd": str(cents(row["billed"])),
+         "unbilled_cost": exact(row["unbilled"]), "events": row["events"]}
         for row in rows
     ]  # fmt: skip
     total = events.aggregate(**sums)
@@ -160,8 +159,8 @@ def usage_summary(*, tenant_id: int, start: datetime, end: datetime, group_by: s
         "from": start.date().isoformat(),
         "to": (end - timedelta(days=1)).date().isoformat(),
         "group_by": group_by,
-        "total": {"cost": exact(total["cost"]), "cost_usd": str(cents(total["cost"])),
-                  "unbilled_cost": exact(total["unbilled_cost"]), "events": total["events"]},
+        "total": {"cost": exact(total["billed"]), "cost_usd": str(cents(total["billed"])),
+                  "unbilled_cost": exact(total["unbilled"]), "events": total["events"]},
         "groups": groups,
     }  # fmt: skip
 
