@@ -165,8 +165,12 @@ def job_finish(
     return model.objects.unscoped().filter(pk=job_id, status=JobStatus.RUNNING, worker=worker).update(**changes) == 1
 
 
-def job_request_cancel(model: type[Job], job_id: int) -> str:
-    """Cancel a queued job at once; ask a running one to stop at its next step. Returns the status."""
+def job_request_cancel(model: type[Job], job_id: int) -> tuple[str | None, bool]:
+    """Cancel a queued job at once; ask a running one to stop at its next step.
+
+    Returns (the status now, True when this call made queued → canceled). Only that call reports
+    the cancellation: a repeated cancel, or one of a running job (its worker finishes it), does not.
+    """
     now = timezone.now()
     rows = model.objects.unscoped().filter(pk=job_id)
     if rows.filter(status=JobStatus.QUEUED).update(
@@ -176,9 +180,9 @@ def job_request_cancel(model: type[Job], job_id: int) -> str:
         error_code="canceled",
         error_message="Canceled before it started.",
     ):
-        return JobStatus.CANCELED
+        return JobStatus.CANCELED, True
     rows.filter(status=JobStatus.RUNNING).update(cancel_requested=True)
-    return rows.values_list("status", flat=True).first()
+    return rows.values_list("status", flat=True).first(), False
 
 
 def jobs_expired(model: type[Job]):
@@ -197,6 +201,7 @@ def job_requeue_or_fail(model: type[Job], job: Job, *, max_attempts: int) -> str
         )  # fmt: skip
         return JobStatus.CANCELED if changed else None
     if job.attempt < max_attempts:
+        # Waiting again from now, not started: the next claim starts the clock of the new attempt.
         changed = rows.update(
             status=JobStatus.QUEUED,
             worker="",
@@ -204,6 +209,8 @@ def job_requeue_or_fail(model: type[Job], job: Job, *, max_attempts: int) -> str
             progress=0.0,
             current_step=0,
             queued_at=timezone.now(),
+            started_at=None,
+            heartbeat_at=None,
         )
         return JobStatus.QUEUED if changed else None
     changed = rows.update(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 
@@ -19,6 +20,8 @@ from generation.gemini.client import allowed_model
 from generation.methods import DEFAULT_METHOD, DEFAULT_STEPS, IDENTITY_METHODS, METHOD_CLUSTERS, METHODS
 from generation.models import GeneratedImage, GenerationJob
 from usage.services import usage_admit
+
+logger = logging.getLogger(__name__)
 
 GPU_CLUSTER = "gpu"
 MAX_SEED = 2**31 - 1  # Gemini and several schedulers take 32-bit seeds
@@ -268,10 +271,13 @@ def enqueue(job_id: int) -> None:
 
 
 def generation_cancel(*, job: GenerationJob) -> GenerationJob:
-    status = job_request_cancel(GenerationJob, job.pk)
+    """Cancel a queued job now, or ask a running one to stop. `generation.canceled` is emitted once,
+    by whoever makes the transition: this call for a queued job, the worker or reaper otherwise."""
+    with transaction.atomic():
+        _, canceled_now = job_request_cancel(GenerationJob, job.pk)
+        if canceled_now:
+            notify(job, JobStatus.CANCELED)
     job.refresh_from_db()
-    if status == JobStatus.CANCELED and job.error_code == "canceled" and job.started_at is None:
-        notify(job, JobStatus.CANCELED)
     return job
 
 
@@ -301,7 +307,11 @@ def notify(job: GenerationJob, status: str) -> None:
     """Emit the webhook event of a state change (deliveries are sent after commit)."""
     from alkemy.webhooks.services import emit
 
-    job.refresh_from_db()
+    try:
+        job.refresh_from_db()
+    except GenerationJob.DoesNotExist:  # deleted meanwhile (with its character): nobody left to tell
+        logger.info("job %s was deleted; no generation.%s webhook", job.pk, status)
+        return
     emit(tenant_id=job.tenant_id, event=f"generation.{status}", payload=job_payload(job))
 
 
