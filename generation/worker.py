@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 
 from alkemy.errors import AlkemyError
 from alkemy.jobs import JobStatus, job_claim, job_finish, job_heartbeat, worker_id
 from alkemy.tenancy.scoping import tenant_scope
+from characters.models import Character
 from generation.methods import IDENTITY_METHODS
 from generation.methods.base import GenerationMethod, GenerationRequest, LoadOptions
 from generation.models import GeneratedImage, GenerationJob
@@ -377,6 +378,21 @@ def _device_name() -> str:
     return "cpu"
 
 
+def _character_held(job: GenerationJob) -> bool:
+    """Inside the finishing transaction, before the job row: hold the job's character FOR KEY SHARE.
+
+    Deleting the character (which cascades to the job) waits for the finish to commit, and then
+    sees its outputs; a character deleted first is reported gone and the finish writes nothing.
+    Locks are taken character first, then job, the order a deleter that locks its character uses.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT 1 FROM {Character._meta.db_table} WHERE id = %s FOR KEY SHARE",
+            [job.character_id],
+        )
+        return cursor.fetchone() is not None
+
+
 def _store_outputs(job: GenerationJob, me: str, outputs, device_seconds: float, usage: dict) -> str:
     stored: list[str] = []
     try:
@@ -386,6 +402,8 @@ def _store_outputs(job: GenerationJob, me: str, outputs, device_seconds: float, 
             name = f"tenants/{job.tenant_id}/generations/{job.pk}/{index}-seed{output.seed}-{me.replace(':', '-')}.png"
             stored.append(default_storage.save(name, ContentFile(buffer.getvalue())))
         with transaction.atomic():
+            if not _character_held(job):
+                raise JobLost()
             finished = job_finish(GenerationJob, job.pk, worker=me, status=JobStatus.SUCCEEDED,
                                   device=_device_name(), device_seconds=round(device_seconds, 3),
                                   usage={**usage, "images": len(outputs)})  # fmt: skip
@@ -407,7 +425,14 @@ def _store_outputs(job: GenerationJob, me: str, outputs, device_seconds: float, 
     except JobLost:
         for name in stored:
             default_storage.delete(name)
-        logger.warning("job %s finished elsewhere; discarded this worker's outputs", job.pk)
+        logger.warning("job %s was finished elsewhere or deleted; discarded this worker's outputs", job.pk)
+        return "lost"
+    except IntegrityError:
+        # A row the finish refers to (a webhook endpoint, the tenant) was deleted as it committed. Nothing
+        # was written; the job stays running until its lease expires and the reaper takes it back.
+        for name in stored:
+            default_storage.delete(name)
+        logger.warning("job %s: a related row was deleted while it finished; discarded its outputs", job.pk)
         return "lost"
     except BaseException:
         for name in stored:
@@ -426,16 +451,22 @@ def _finish(
     details: dict | None = None,
     usage: dict | None = None,
 ) -> str:
-    with transaction.atomic():
-        finished = job_finish(
-            GenerationJob, job.pk, worker=me, status=status, error_code=code, error_message=message,
-            error_details=details, device=_device_name(), device_seconds=round(device_seconds, 3),
-            **({"usage": usage} if usage else {}),
-        )  # fmt: skip
-        if finished:
-            usage_record_job(job=job)  # the failure policy decides what is billable
-            _notify(job, status)
-            return status
+    try:
+        with transaction.atomic():
+            if not _character_held(job):
+                logger.warning("job %s was deleted with its character while it ran", job.pk)
+                return "lost"
+            finished = job_finish(
+                GenerationJob, job.pk, worker=me, status=status, error_code=code, error_message=message,
+                error_details=details, device=_device_name(), device_seconds=round(device_seconds, 3),
+                **({"usage": usage} if usage else {}),
+            )  # fmt: skip
+            if finished:
+                usage_record_job(job=job)  # the failure policy decides what is billable
+                _notify(job, status)
+                return status
+    except IntegrityError:  # as in _store_outputs: the reaper takes the job back
+        logger.warning("job %s: a related row was deleted while it finished as %s", job.pk, status)
     return "lost"
 
 
