@@ -138,23 +138,22 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # JSON in: form-encoded bodies blurred types (`tags=x` was read as a list); uploads declare multipart per view.
     "DEFAULT_PARSER_CLASSES": [
         "alkemy.api.parsers.JSONParser",  # 400, not 500, for JSON too deep or impossible to store
-        "rest_framework.parsers.FormParser",
-        "rest_framework.parsers.MultiPartParser",
     ],
     "DEFAULT_PAGINATION_CLASS": "alkemy.api.pagination.Pagination",
     "PAGE_SIZE": 50,
     "DEFAULT_FILTER_BACKENDS": [
         "django_filters.rest_framework.DjangoFilterBackend",
-        "rest_framework.filters.SearchFilter",
-        "rest_framework.filters.OrderingFilter",
+        "alkemy.api.filters.DeclaredSearchFilter",
+        "alkemy.api.filters.StrictOrderingFilter",
     ],
     # JSON out, whatever the client asks for: the browsable HTML API rendered after the tenant scope closed
     # (500). See alkemy/api/negotiation.py.
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_CONTENT_NEGOTIATION_CLASS": "alkemy.api.negotiation.SingleRendererNegotiation",
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "alkemy.api.schema.AutoSchema",
     "EXCEPTION_HANDLER": "alkemy.api.errors.exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }

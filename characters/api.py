@@ -8,6 +8,7 @@ from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
 
 from alkemy.api.base import TenantAPIView, TenantModelViewSet, TenantViewSet
+from alkemy.api.schema import error_response
 from alkemy.tenancy.authentication import ApiKeyPrincipal
 from alkemy.tenancy.models import Role
 from characters import selectors, services
@@ -80,7 +81,10 @@ class CharacterViewSet(TenantModelViewSet):
     @extend_schema(
         summary="Characters similar to this one (duplicate hunting)",
         parameters=[SimilarQuerySerializer],
-        responses=SimilarResponseSerializer,
+        responses={
+            200: SimilarResponseSerializer,
+            422: error_response("`no_identity`: the character has no analysed reference photo yet."),
+        },
     )
     @action(detail=True, methods=["get"])
     def similar(self, request, pk=None):

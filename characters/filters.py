@@ -1,11 +1,12 @@
 import django_filters
 
+from alkemy.api.filters import StrictBooleanFilter
 from characters.models import Character
 
 
 class CharacterFilter(django_filters.FilterSet):
     tag = django_filters.CharFilter(method="filter_tag", help_text="Only characters carrying this tag.")
-    archived = django_filters.BooleanFilter(
+    archived = StrictBooleanFilter(
         field_name="is_archived", help_text="true: only archived; false: only active; omitted: both."
     )
 

@@ -8,13 +8,14 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from alkemy.api.base import TenantViewSet
+from alkemy.api.filters import query_flag
 from alkemy.errors import NotFound
 from alkemy.tenancy.authentication import ApiKeyPrincipal
 from characters.selectors import character_get
 from generation import jobs
 from generation.filters import GenerationFilter
 from generation.models import GeneratedImage, GenerationJob
-from generation.serializers import GenerationCreateSerializer, GenerationJobSerializer
+from generation.serializers import GenerationCreateSerializer, GenerationJobSerializer, GenerationQuoteSerializer
 from usage.api import RetryAfterMixin
 
 IDEMPOTENCY_PARAMETER = OpenApiParameter(
@@ -60,7 +61,7 @@ class GenerationViewSet(RetryAfterMixin, TenantViewSet, mixins.ListModelMixin, m
         request=GenerationCreateSerializer,
         responses={
             202: GenerationJobSerializer,
-            200: OpenApiResponse(OpenApiTypes.OBJECT, description="dry_run: the estimate and verdicts, no job"),
+            200: OpenApiResponse(GenerationQuoteSerializer, description="dry_run: the estimate and verdicts, no job"),
             402: OpenApiResponse(OpenApiTypes.OBJECT, description="budget_exceeded: spent, limit, estimate in details"),
             429: OpenApiResponse(OpenApiTypes.OBJECT, description="too_many_jobs, with a Retry-After header"),
         },
@@ -71,7 +72,7 @@ class GenerationViewSet(RetryAfterMixin, TenantViewSet, mixins.ListModelMixin, m
         form.is_valid(raise_exception=True)
         data = dict(form.validated_data)
         character = character_get(tenant=self.tenant, character_id=data.pop("character"))
-        if request.query_params.get("dry_run", "").lower() in ("1", "true", "yes"):
+        if query_flag(request, "dry_run"):
             quote, _ = jobs.generation_submit(tenant=self.tenant, character=character, dry_run=True, **data)
             return Response({"dry_run": True, **quote.as_dict()}, status=200)
         principal = request.user

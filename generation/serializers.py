@@ -2,6 +2,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from alkemy.api.schema import ErrorSerializer  # a failed job's error has the API error's shape
 from generation.methods import DEFAULT_METHOD, METHODS
 from generation.models import GeneratedImage, GenerationJob
 
@@ -35,10 +36,27 @@ class GeneratedImageSerializer(serializers.ModelSerializer):
         return request.build_absolute_uri(path) if request else path
 
 
-class ErrorSerializer(serializers.Serializer):
-    code = serializers.CharField()
-    message = serializers.CharField()
-    details = serializers.DictField()
+class EstimateSerializer(serializers.Serializer):
+    job_kind = serializers.CharField()
+    method = serializers.CharField()
+    gpu_class = serializers.CharField(allow_null=True)
+    device_seconds = serializers.FloatField()
+    cost = serializers.CharField(help_text="USD with six decimals, e.g. `0.039000`")
+    currency = serializers.CharField()
+    basis = serializers.CharField(help_text="What the estimate rests on: the method's history or its fallback rates")
+    lines = serializers.ListField(child=serializers.DictField(), help_text="Meter, quantity, unit price and cost")
+    price_book = serializers.IntegerField(allow_null=True)
+
+
+class GenerationQuoteSerializer(serializers.Serializer):
+    """What `?dry_run=true` answers (usage.services.Quote): the estimate and the verdicts; no job is created."""
+
+    dry_run = serializers.BooleanField()
+    estimate = EstimateSerializer()
+    budget = serializers.DictField(help_text="The tenant's budget this month: limit, spent, reserved, remaining")
+    jobs = serializers.DictField(help_text="The tenant's job limits and its active jobs")
+    allowed = serializers.BooleanField(help_text="Whether the same request without dry_run would be admitted")
+    refusal = ErrorSerializer(allow_null=True, help_text="The error a real submission would answer, if refused")
 
 
 class GenerationJobSerializer(serializers.ModelSerializer):

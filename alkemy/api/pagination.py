@@ -1,8 +1,39 @@
+from rest_framework.exceptions import ValidationError
 from rest_framework.pagination import PageNumberPagination
 
 
+def _query_int(request, name: str, *, maximum: int | None = None) -> int | None:
+    """A positive integer query parameter, None when absent; anything else is 400 naming the parameter."""
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return None
+    value = int(raw) if raw.isascii() and raw.isdigit() else 0
+    if value < 1 or (maximum is not None and value > maximum):
+        bound = f" from 1 to {maximum}" if maximum is not None else " of at least 1"
+        raise ValidationError({name: [f"Must be a whole number{bound}."]})
+    return value
+
+
 class Pagination(PageNumberPagination):
-    """`?page=N&page_size=M` (at most 200); answers {count, next, previous, results}."""
+    """`?page=N&page_size=M` (at most 200); answers {count, next, previous, results}.
+
+    Both must be whole numbers in range or the request is 400; a page past the last is 404.
+    """
 
     page_size_query_param = "page_size"
     max_page_size = 200
+    last_page_strings = ()
+
+    def get_page_size(self, request):
+        return _query_int(request, self.page_size_query_param, maximum=self.max_page_size) or self.page_size
+
+    def get_page_number(self, request, paginator):
+        return _query_int(request, self.page_query_param) or 1
+
+    def get_schema_operation_parameters(self, view):
+        parameters = super().get_schema_operation_parameters(view)
+        for parameter in parameters:
+            parameter["schema"]["minimum"] = 1
+            if parameter["name"] == self.page_size_query_param:
+                parameter["schema"]["maximum"] = self.max_page_size
+        return parameters

@@ -1,0 +1,76 @@
+"""Query parameters that refuse what they cannot read.
+
+DRF and django-filter are lenient by default: `?archived=-148167` filters nothing, an unknown
+`?ordering=` is dropped. A client with a typo then silently gets the wrong rows, and the schema
+promises more than the server checks. These variants answer 400 `validation_error` instead,
+naming the parameter, and document only what the view really supports.
+"""
+
+from __future__ import annotations
+
+import django_filters
+from django import forms
+from rest_framework import filters
+from rest_framework.exceptions import ValidationError
+
+
+class TrueFalseField(forms.Field):
+    """`true`/`false` (also `1`/`0`, `yes`/`no`, any case); empty means "not given"; anything else is invalid."""
+
+    def to_python(self, value):
+        if value in (None, ""):
+            return None
+        text = str(value).strip().lower()
+        if text in {"true", "1", "yes"}:
+            return True
+        if text in {"false", "0", "no"}:
+            return False
+        raise forms.ValidationError("Must be true or false.", code="invalid")
+
+
+def query_flag(request, name: str) -> bool:
+    """A view's own true/false query parameter (`?dry_run=true`): absent is false, unreadable is 400."""
+    try:
+        return bool(TrueFalseField(required=False).clean(request.query_params.get(name)))
+    except forms.ValidationError as exc:
+        raise ValidationError({name: exc.messages}) from None
+
+
+class StrictBooleanFilter(django_filters.BooleanFilter):
+    field_class = TrueFalseField
+
+
+class StrictOrderingFilter(filters.OrderingFilter):
+    """`?ordering=` over the view's declared `ordering_fields` only; an unknown field is 400."""
+
+    def get_valid_fields(self, queryset, view, context=None):
+        return [(name, name) for name in getattr(view, "ordering_fields", None) or []]
+
+    def remove_invalid_fields(self, queryset, fields, view, request):
+        allowed = {name for name, _ in self.get_valid_fields(queryset, view)}
+        unknown = [term for term in fields if term.lstrip("-") not in allowed]
+        if unknown:
+            raise ValidationError({self.ordering_param: [f"Unknown ordering {unknown}; allowed: {sorted(allowed)}."]})
+        return fields
+
+    def get_schema_operation_parameters(self, view):
+        fields = getattr(view, "ordering_fields", None) or []
+        if not fields:
+            return []
+        names = "|".join(fields)
+        return [
+            {
+                "name": self.ordering_param,
+                "required": False,
+                "in": "query",
+                "description": f"Sort by {', '.join(fields)}; a leading `-` reverses. Comma-separate several.",
+                "schema": {"type": "string", "pattern": rf"^-?({names})(,-?({names}))*$"},
+            }
+        ]
+
+
+class DeclaredSearchFilter(filters.SearchFilter):
+    """`?search=` documented only on views that declare `search_fields` (elsewhere it does nothing)."""
+
+    def get_schema_operation_parameters(self, view):
+        return super().get_schema_operation_parameters(view) if getattr(view, "search_fields", None) else []
