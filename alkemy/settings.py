@@ -176,7 +176,8 @@ SPECTACULAR_SETTINGS = {
 }
 
 # Queue: django-q2. The ORM broker (same PostgreSQL) by default; Redis when REDIS_URL is set.
-# Q_CLUSTER_NAME=gpu selects the GPU cluster (one worker process per GPU).
+# Q_CLUSTER_NAME=gpu selects the GPU cluster (one worker process per GPU); Q_CLUSTER_NAME=webhooks the
+# cluster that sends webhooks, so slow receivers never hold the workers that run tenants' jobs.
 REDIS_URL = os.environ.get("REDIS_URL", "")
 Q_CLUSTER_NAME = os.environ.get("Q_CLUSTER_NAME", "default")
 Q_CLUSTER = {
@@ -196,6 +197,11 @@ Q_CLUSTER = {
             "workers": env_int("Q_GPU_WORKERS", 1),
             "timeout": env_int("Q_GPU_TIMEOUT", 3600),
             "retry": env_int("Q_GPU_RETRY", 3900),
+        },
+        "webhooks": {
+            "workers": env_int("Q_WEBHOOK_WORKERS", 2),
+            "timeout": env_int("Q_WEBHOOK_TIMEOUT", 3600),
+            "retry": env_int("Q_WEBHOOK_RETRY", 3900),
         },
     },
 }

@@ -43,6 +43,7 @@ def reap_jobs() -> dict:
 
 
 def deliver_due_webhooks() -> int:
+    """Webhooks cluster, every minute (the schedule is moved there by webhooks 0002): send due retries."""
     from alkemy.webhooks.services import deliver_due
 
     return deliver_due()

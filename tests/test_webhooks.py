@@ -90,8 +90,10 @@ def test_delivery_gives_up_after_max_attempts(studio_a, settings):
     try:
         endpoint_create(tenant=studio_a.tenant, url=always_failing.url)
         (delivery,) = emit(tenant_id=studio_a.tenant.pk, event="generation.failed", payload={})
-        deliver(delivery.pk)
-        deliver(delivery.pk)
+        assert deliver(delivery.pk) == DeliveryStatus.PENDING
+        assert deliver(delivery.pk) == "skipped"  # its retry is not due yet
+        WebhookDelivery.objects.unscoped().filter(pk=delivery.pk).update(next_attempt_at=timezone.now())
+        assert deliver(delivery.pk) == DeliveryStatus.FAILED
     finally:
         always_failing.close()
     delivery.refresh_from_db()

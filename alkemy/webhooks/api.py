@@ -1,7 +1,11 @@
-"""Webhook endpoints of the tenant (owners and admins manage them)."""
+"""Webhook endpoints of the tenant: only owners and admins may see or manage them.
+
+An endpoint URL can be a bearer secret (Slack-style incoming webhooks) and delivery logs carry
+job payloads, so members and viewers get 403 even for reads.
+"""
 
 from drf_spectacular.utils import extend_schema
-from rest_framework import serializers
+from rest_framework import exceptions, serializers
 from rest_framework.response import Response
 
 from alkemy.api.base import TenantModelViewSet
@@ -38,12 +42,23 @@ class WebhookDeliverySerializer(serializers.ModelSerializer):
                   "delivered_at", "created_at"]  # fmt: skip
 
 
+class ManagersOnly(exceptions.PermissionDenied):
+    default_code = "managers_only"
+    default_detail = "Only owners and admins of the tenant may see or change webhooks."
+
+
 class WebhookEndpointViewSet(TenantModelViewSet):
-    """Signed `POST`s of job state changes. Header `X-Alkemy-Signature: t=<ts>,v1=<HMAC-SHA256(secret, ts.body)>`."""
+    """Signed `POST`s of job state changes. Header `X-Alkemy-Signature: t=<ts>,v1=<HMAC-SHA256(secret, ts.body)>`.
+    Owners and admins only, reads included."""
 
     serializer_class = WebhookEndpointSerializer
     write_roles = MANAGE_ROLES
     pagination_class = None
+
+    def initial(self, request, *args, **kwargs):
+        super().initial(request, *args, **kwargs)
+        if self.role not in MANAGE_ROLES:
+            raise ManagersOnly()
 
     def tenant_queryset(self):
         return WebhookEndpoint.objects.filter(tenant=self.tenant)
@@ -68,6 +83,9 @@ class WebhookEndpointViewSet(TenantModelViewSet):
         if "url" in serializer.validated_data:
             services.check_url(serializer.validated_data["url"])
         serializer.save()
+
+    def perform_destroy(self, instance):
+        services.endpoint_delete(endpoint=instance)
 
     @extend_schema(responses=WebhookDeliverySerializer(many=True))
     def deliveries(self, request, pk=None):

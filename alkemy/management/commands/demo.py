@@ -95,6 +95,9 @@ class Command(BaseCommand):
             "web": subprocess.Popen([*manage, "runserver", addr, "--noreload"]),
             "cpu cluster": subprocess.Popen([*manage, "qcluster"], env={**os.environ, "Q_CLUSTER_NAME": "default"}),
             "gpu cluster": subprocess.Popen([*manage, "qcluster"], env={**os.environ, "Q_CLUSTER_NAME": "gpu"}),
+            "webhooks cluster": subprocess.Popen(
+                [*manage, "qcluster"], env={**os.environ, "Q_CLUSTER_NAME": "webhooks"}
+            ),
         }
         try:
             self.demo_generation(f"http://{addr}", api_key)
