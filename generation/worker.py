@@ -162,16 +162,16 @@ class LeaseKeeper(threading.Thread):
     """Renews the job's lease in the background for the whole run, not only between denoising
     steps: loading real weights or waiting for a remote API can take longer than a lease."""
 
-    def __init__(self, job_id: int, worker: str) -> None:
+    def __init__(self, job_id: int, worker: str, model: type = GenerationJob) -> None:
         super().__init__(name=f"lease-{job_id}", daemon=True)
-        self.job_id, self.worker = job_id, worker
+        self.job_id, self.worker, self.model = job_id, worker, model  # model: any alkemy.jobs.Job
         self.interval = max(settings.ALKEMY_JOB_LEASE_SECONDS / 3, 0.5)
         self._stopped = threading.Event()
 
     def run(self) -> None:
         try:
             while not self._stopped.wait(self.interval):
-                mine, _ = job_heartbeat(GenerationJob, self.job_id, worker=self.worker)
+                mine, _ = job_heartbeat(self.model, self.job_id, worker=self.worker)
                 if not mine:
                     return  # finished, canceled or taken over: the step guard acts on it
         finally:
@@ -190,6 +190,7 @@ class StepGuard:
     timeout_seconds: float
     started: float
     last_write: float = 0.0
+    model: type = GenerationJob  # any alkemy.jobs.Job (training jobs use the same guard)
 
     def __call__(self, step: int, total: int) -> None:
         now = time.monotonic()
@@ -199,7 +200,7 @@ class StepGuard:
         progress = min(step / total, 1.0) if total else 0.0
         if write_progress:
             self.last_write = now
-            mine, cancel = job_heartbeat(GenerationJob, self.job_id, worker=self.worker, progress=progress,
+            mine, cancel = job_heartbeat(self.model, self.job_id, worker=self.worker, progress=progress,
                                          step=step, total=total)  # fmt: skip
         else:
             mine, cancel = self._cheap_check()
@@ -210,7 +211,7 @@ class StepGuard:
 
     def _cheap_check(self) -> tuple[bool, bool]:
         row = (
-            GenerationJob.objects.unscoped()
+            self.model.objects.unscoped()
             .filter(pk=self.job_id)
             .values_list("status", "worker", "cancel_requested")
             .first()
