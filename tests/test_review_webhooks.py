@@ -285,7 +285,8 @@ def test_members_and_viewers_cannot_read_webhook_urls_or_delivery_logs(studio_a,
     for path in ["/api/v1/webhooks", f"/api/v1/webhooks/{endpoint.pk}", f"/api/v1/webhooks/{endpoint.pk}/deliveries"]:
         response = client.get(path)
         assert response.status_code == 403, path
-        assert response.json()["error"]["code"] == "managers_only"
+        assert response.json()["error"]["code"] == "permission_denied"
+        assert "owners and admins" in response.json()["error"]["message"]
         assert "secret-token" not in response.content.decode()
 
 

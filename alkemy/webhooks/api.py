@@ -43,7 +43,7 @@ class WebhookDeliverySerializer(serializers.ModelSerializer):
 
 
 class ManagersOnly(exceptions.PermissionDenied):
-    default_code = "managers_only"
+    default_code = "permission_denied"  # one of the documented 403 codes; the message says who may
     default_detail = "Only owners and admins of the tenant may see or change webhooks."
 
 
