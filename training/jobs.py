@@ -20,6 +20,7 @@ from alkemy.jobs import JobStatus, job_request_cancel
 from alkemy.tenancy.models import Tenant
 from characters.models import Character, ReferenceImage
 from training.models import BaseModel, TrainingJob
+from usage.services import usage_admit
 
 GPU_CLUSTER = "gpu"
 MAX_SEED = 2**31 - 1
@@ -138,7 +139,7 @@ def training_submit(
                 requested_by=requested_by if getattr(requested_by, "pk", None) else None,
                 requested_by_api_key=requested_by_api_key,
             )  # fmt: skip
-            _admit_usage(job)
+            usage_admit(job=job)  # budget and job limits (402 / 429), in the transaction that created the job
             notify(job, JobStatus.QUEUED)
             transaction.on_commit(lambda: enqueue(job.pk))
     except IntegrityError:
@@ -182,17 +183,6 @@ def _require_base_weights(base_model: str) -> None:
             missing.message.replace("LoRA generation", "LoRA training"),
             code="model_missing", field="base_model", details=missing.details, status_code=503,
         ) from None  # fmt: skip
-
-
-def _admit_usage(job: TrainingJob) -> None:
-    """Accounting's admission check, once the `usage` app provides it (budget, concurrency)."""
-    try:
-        from usage import services as usage_services
-    except ImportError:
-        return
-    admit = getattr(usage_services, "usage_admit", None) or getattr(usage_services, "usage_reserve", None)
-    if admit is not None:
-        admit(job=job)
 
 
 def _idempotent_match(tenant: Tenant, key: str, fingerprint: str) -> TrainingJob | None:

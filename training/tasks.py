@@ -9,6 +9,7 @@ from django.db import transaction
 
 from alkemy.jobs import JobStatus, job_requeue_or_fail, jobs_expired
 from training.models import TrainingJob
+from usage.services import usage_record_job
 
 logger = logging.getLogger(__name__)
 
@@ -25,14 +26,14 @@ def reap_training_jobs() -> dict:
     heartbeating goes back to the queue, where the next worker resumes it from its checkpoint, or fails
     `worker_lost` after ALKEMY_JOB_MAX_ATTEMPTS starts."""
     from training.jobs import enqueue, notify
-    from training.worker import _record_usage, delete_checkpoint
+    from training.worker import delete_checkpoint
 
     counts = {"requeued": 0, "failed": 0, "canceled": 0}
     for job in jobs_expired(TrainingJob):
         with transaction.atomic():  # a job the reaper ends is billed in the same transaction
             outcome = job_requeue_or_fail(TrainingJob, job, max_attempts=settings.ALKEMY_JOB_MAX_ATTEMPTS)
             if outcome in (JobStatus.FAILED, JobStatus.CANCELED):
-                _record_usage(job)
+                usage_record_job(job=job)
                 delete_checkpoint(job.pk)
         if outcome == JobStatus.QUEUED:
             counts["requeued"] += 1

@@ -39,6 +39,7 @@ from training.jobs import notify
 from training.models import LoraArtifact, TrainingJob, lora_upload_to
 from training.trainer import TrainingConfig, load_checkpoint, reference_examples, save_lora_file, train
 from training.trainer.loop import checkpoint_bytes
+from usage.services import usage_record_job
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +264,7 @@ def _store_result(job: TrainingJob, me: str, result, data: bytes, validation, de
             )  # fmt: skip
             if not finished:
                 raise JobLost()
-            _record_usage(job)
+            usage_record_job(job=job)  # the ledger, in the transaction that finishes the job
             notify(job, JobStatus.SUCCEEDED)
     except JobLost:
         _delete(stored)
@@ -284,21 +285,12 @@ def _finish(job, me, status, code, message, device_seconds, recorder: RunRecorde
             usage={"steps": recorder.last_step, "device_seconds": round(device_seconds, 3)},
         )  # fmt: skip
         if finished:
-            _record_usage(job)
+            usage_record_job(job=job)  # the ledger, in the transaction that finishes the job
             notify(job, status)
     if not finished:
         return "lost"
     delete_checkpoint(job.pk)
     return status
-
-
-def _record_usage(job: TrainingJob) -> None:
-    """The usage ledger's events of the ended job, in the caller's (finishing) transaction."""
-    try:
-        from usage.services import usage_record_job
-    except ImportError:  # accounting not installed
-        return
-    usage_record_job(job=job)
 
 
 def delete_checkpoint(job_id: int) -> None:
