@@ -202,6 +202,12 @@ def test_the_lora_targets_the_attention_projections(tiny_models_dir, examples):
 
 
 def test_cancel_during_training_keeps_no_lora(studio_a, eileen, settings):
+    from alkemy.webhooks.models import WebhookDelivery
+    from alkemy.webhooks.services import endpoint_create
+
+    settings.ALKEMY_WEBHOOK_ALLOW_PRIVATE = True
+    endpoint_create(tenant=studio_a.tenant, url="http://127.0.0.1:9/hook", events=["training.running",
+                                                                                    "training.canceled"])  # fmt: skip
     settings.ALKEMY_TRAINING_CHECKPOINT_STEPS = 2
     job, _ = training_submit(tenant=studio_a.tenant, character=eileen, base_model="flux", steps=40, rank=4,
                              resolution=64, seed=1)  # fmt: skip
@@ -219,3 +225,5 @@ def test_cancel_during_training_keeps_no_lora(studio_a, eileen, settings):
     assert job.lora is None and not LoraArtifact.objects.unscoped().exists()
     assert job.checkpoint_file == ""  # an ended job cannot resume: the checkpoint goes
     assert job.device == "cpu" and job.device_seconds > 0 and job.usage["steps"] == 5
+    events = list(WebhookDelivery.objects.unscoped().order_by("id").values_list("event", "payload__status"))
+    assert events == [("training.running", "running"), ("training.canceled", "canceled")]

@@ -11,6 +11,11 @@ EVENTS = [
     "generation.succeeded",
     "generation.failed",
     "generation.canceled",
+    "training.queued",
+    "training.running",
+    "training.succeeded",
+    "training.failed",
+    "training.canceled",
 ]
 
 
