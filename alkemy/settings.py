@@ -168,7 +168,7 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "SCHEMA_PATH_PREFIX": r"/api/v1",
     "COMPONENT_SPLIT_REQUEST": True,
-    "ENUM_NAME_OVERRIDES": {"BaseModelEnum": "training.models.BaseModel"},
+    "ENUM_NAME_OVERRIDES": {"BaseModelEnum": "training.models.BaseModel", "JobStatusEnum": "alkemy.jobs.JobStatus"},
     # Swagger UI from drf-spectacular-sidecar's static files (version pinned in requirements), not a CDN.
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
+from django.core.management import call_command
 from django.urls import path
 from drf_spectacular.generators import SchemaGenerator
 from drf_spectacular.types import OpenApiTypes
@@ -138,6 +139,11 @@ def test_errors_of_the_review_are_documented_where_they_happen(studio_a, api_a, 
 
 
 # --- 21: the schema ------------------------------------------------------------------------------
+
+
+def test_schema_generates_without_warnings(tmp_path):
+    # A warning means a guessed type or an unstable component name (e.g. `Status751Enum`) in the client.
+    call_command("spectacular", "--fail-on-warn", "--validate", "--file", str(tmp_path / "schema.yaml"))
 
 
 def test_error_envelope_is_a_component(schema):
