@@ -227,3 +227,16 @@ def test_cancel_during_training_keeps_no_lora(studio_a, eileen, settings):
     assert job.device == "cpu" and job.device_seconds > 0 and job.usage["steps"] == 5
     events = list(WebhookDelivery.objects.unscoped().order_by("id").values_list("event", "payload__status"))
     assert events == [("training.running", "running"), ("training.canceled", "canceled")]
+
+
+def test_train_lora_command_trains_in_process_and_adds_a_version(eileen, capsys):
+    from django.core.management import call_command
+
+    call_command("train_lora", "--character", str(eileen.pk), "--base", "flux", "--steps", "3", "--rank", "4",
+                 "--resolution", "64", "--seed", "2")  # fmt: skip
+    out, err = capsys.readouterr()
+    assert "LoRA v1 (selected), trigger 'ohwx_eileen_collins'" in out
+    assert "3/3" in err  # the progress bar
+    artifact = LoraArtifact.objects.unscoped().get(character=eileen)
+    assert artifact.source == "trained" and artifact.metadata["steps"] == 3
+    assert TrainingJob.objects.unscoped().get().status == JobStatus.SUCCEEDED

@@ -67,8 +67,11 @@ def training_submit(
     idempotency_key: str | None = None,
     requested_by=None,
     requested_by_api_key=None,
+    enqueue: bool = True,
 ) -> tuple[TrainingJob, bool]:
     """Validate the request, store the job and enqueue it after commit. Returns (job, created).
+
+    `enqueue=False` leaves the job for the caller to run in its own process (`manage.py train_lora`).
 
     With an idempotency key, a retry with the same body returns the first job (created=False); the same
     key with another body is a 409 `idempotency_key_reused`.
@@ -141,7 +144,8 @@ def training_submit(
             )  # fmt: skip
             usage_admit(job=job)  # budget and job limits (402 / 429), in the transaction that created the job
             notify(job, JobStatus.QUEUED)
-            transaction.on_commit(lambda: enqueue(job.pk))
+            if enqueue:
+                transaction.on_commit(lambda: enqueue_training(job.pk))
     except IntegrityError:
         existing = _idempotent_match(tenant, idempotency_key, fingerprint) if idempotency_key else None
         if existing is None:
@@ -196,7 +200,7 @@ def _idempotent_match(tenant: Tenant, key: str, fingerprint: str) -> TrainingJob
     return job
 
 
-def enqueue(job_id: int) -> None:
+def enqueue_training(job_id: int) -> None:
     """Hand the job to the GPU cluster. Safe to call more than once: the claim is conditional."""
     from django_q.tasks import async_task
 

@@ -25,7 +25,7 @@ def reap_training_jobs() -> dict:
     """Default cluster, every minute (as the generation reaper): a training job whose worker stopped
     heartbeating goes back to the queue, where the next worker resumes it from its checkpoint, or fails
     `worker_lost` after ALKEMY_JOB_MAX_ATTEMPTS starts."""
-    from training.jobs import enqueue, notify
+    from training.jobs import enqueue_training, notify
     from training.worker import delete_checkpoint
 
     counts = {"requeued": 0, "failed": 0, "canceled": 0}
@@ -39,7 +39,7 @@ def reap_training_jobs() -> dict:
             counts["requeued"] += 1
             logger.warning("training %s: worker %s lost, re-queued (attempt %s)", job.pk, job.worker, job.attempt)
             notify(job, JobStatus.QUEUED)
-            enqueue(job.pk)
+            enqueue_training(job.pk)
         elif outcome in (JobStatus.FAILED, JobStatus.CANCELED):
             counts[outcome] += 1
             notify(job, outcome)
