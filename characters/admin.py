@@ -97,7 +97,7 @@ class CharacterAdmin(TenantScopedAdmin):
     list_filter = [TENANT_FILTER, "is_archived"]
     search_fields = ["name", "slug", "description"]
     prepopulated_fields = {"slug": ["name"]}
-    readonly_fields = ["generate_link", "created_by", "created_by_api_key", "created_at", "updated_at"]
+    readonly_fields = ["generate_link", "train_link", "created_by", "created_by_api_key", "created_at", "updated_at"]
     inlines = [ReferenceImageInline]
 
     @admin.display(description="Generate")
@@ -106,6 +106,13 @@ class CharacterAdmin(TenantScopedAdmin):
             return "Save the character first."
         url = reverse("admin:characters_character_generate", args=[obj.pk])
         return format_html('<a class="button" href="{}">Render this character in a new scene…</a>', url)
+
+    @admin.display(description="LoRA")
+    def train_link(self, obj):
+        if obj.pk is None:
+            return "Save the character first."
+        url = reverse("admin:training_trainingjob_train", args=[obj.pk])
+        return format_html('<a class="button" href="{}">Train a LoRA…</a>', url)
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(reference_total=Count("references"))

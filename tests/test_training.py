@@ -240,3 +240,32 @@ def test_train_lora_command_trains_in_process_and_adds_a_version(eileen, capsys)
     artifact = LoraArtifact.objects.unscoped().get(character=eileen)
     assert artifact.source == "trained" and artifact.metadata["steps"] == 3
     assert TrainingJob.objects.unscoped().get().status == JobStatus.SUCCEEDED
+
+
+# -- admin -------------------------------------------------------------------------------------------------
+
+
+def test_staff_train_a_lora_from_the_character_page_and_follow_it(client, staff_of_a, studio_b, eileen, settings):
+    settings.ALKEMY_TRAINING_LOG_STEPS = 1
+    client.force_login(staff_of_a)
+    page = client.get(f"/admin/characters/character/{eileen.pk}/change/").content.decode()
+    url = f"/admin/training/trainingjob/train/{eileen.pk}/"
+    assert url in page and "Train a LoRA…" in page
+    assert client.get(url).status_code == 200
+    bad = client.post(url, {"base_model": "sdxl", "rank": 16, "resolution": 100, "lr_schedule": "constant"})
+    assert bad.status_code == 200 and "multiple of 64" in bad.content.decode()
+    assert not TrainingJob.objects.unscoped().exists()
+
+    response = client.post(url, {"base_model": "flux", "steps": 3, "rank": 4, "resolution": 64,
+                                 "lr_schedule": "constant", "seed": 1})  # fmt: skip
+    job = TrainingJob.objects.unscoped().get()
+    assert response.status_code == 302 and response["Location"].endswith(
+        f"/admin/training/trainingjob/{job.pk}/change/"
+    )
+    assert job.requested_by == staff_of_a and job.steps == 3
+    assert run_training_job(job.pk) == JobStatus.SUCCEEDED
+    detail = client.get(response["Location"]).content.decode()
+    assert "Loss curve" in detail and "<polyline" in detail and "LoRA v1" in detail
+
+    outsider = character_create(tenant=studio_b.tenant, name="Someone Else")
+    assert client.get(f"/admin/training/trainingjob/train/{outsider.pk}/").status_code == 404
