@@ -151,6 +151,7 @@ def test_bad_usage_parameters_are_400(api_a):
     assert api_a.get("/api/v1/usage?group_by=tenant").json()["error"]["details"]["field"] == "group_by"
     assert api_a.get("/api/v1/usage?from=yesterday").status_code == 400
     assert api_a.get("/api/v1/usage?from=2026-11-05&to=2026-11-01").status_code == 400
+    assert api_a.get("/api/v1/usage/events?job_id=abc").status_code == 400
 
 
 def test_the_statement_and_the_csv_add_up(november, studio_a, studio_b, capsys):

@@ -89,8 +89,12 @@ class UsageEventViewSet(TenantViewSet):
         start, end = _period(self.request.query_params)
         events = UsageEvent.objects.filter(tenant=self.tenant, occurred_at__gte=start, occurred_at__lt=end)
         for name in ("meter", "job_kind", "job_id"):
-            if self.request.query_params.get(name):
-                events = events.filter(**{name: self.request.query_params[name]})
+            value = self.request.query_params.get(name)
+            if not value:
+                continue
+            if name == "job_id" and not value.isdigit():
+                raise AlkemyError("job_id must be a number.", code="invalid_parameter", field="job_id")
+            events = events.filter(**{name: value})
         return events.order_by("-occurred_at", "-id")
 
     def filter_queryset(self, queryset):
