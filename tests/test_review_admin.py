@@ -293,3 +293,47 @@ def test_admin_character_list_of_viewer_tenant_is_read_only(client, staff_of_bot
         {"name": "Hacked", "slug": character.slug, **CHARACTER_FORM},
     )
     assert Character.objects.unscoped().get(pk=character.pk).name == "Villain"
+
+
+def test_style_lora_can_be_deleted_through_the_api_by_its_tenant_only(
+    api_a, api_b, studio_a, models, lora_bytes, committed
+):
+    style = lora_services.style_lora_upload(
+        tenant=studio_a.tenant, upload=SimpleUploadedFile("s.safetensors", lora_bytes), name="ink", base_model="sdxl"
+    )
+    assert api_b.delete(f"/api/v1/style-loras/{style.pk}").status_code == 404
+    assert api_a.get(f"/api/v1/style-loras/{style.pk}").json()["name"] == "ink"
+    with committed():
+        assert api_a.delete(f"/api/v1/style-loras/{style.pk}").status_code == 204
+    assert not StyleLora.objects.unscoped().exists()
+    assert not default_storage.exists(style.file.name)
+
+
+# --- 14 in admin: webhook URLs and delivery logs are for owners and admins -------------------
+
+
+def test_members_and_viewers_see_no_webhook_urls_in_admin(client, staff_of_both, studio_a, studio_b):
+    from alkemy.webhooks.models import WebhookDelivery
+
+    endpoint = WebhookEndpoint.objects.unscoped().create(
+        tenant=studio_a.tenant, url="https://hooks.slack.example/T000/B000/secret", events=[], secret="whsec_x"
+    )
+    delivery = WebhookDelivery.objects.unscoped().create(
+        tenant=studio_a.tenant, endpoint=endpoint, event="generation.succeeded", payload={}
+    )
+    client.force_login(staff_of_both)  # member of A, viewer of B
+    assert "secret" not in client.get("/admin/webhooks/webhookendpoint/").content.decode()
+    for page in (
+        f"/admin/webhooks/webhookendpoint/{endpoint.pk}/change/",
+        f"/admin/webhooks/webhookdelivery/{delivery.pk}/change/",
+        "/admin/webhooks/webhookdelivery/",
+    ):
+        response = client.get(page)
+        assert response.status_code in (302, 403)
+        assert "hooks.slack.example" not in response.content.decode()
+
+    membership_set(tenant=studio_a.tenant, user=staff_of_both, role=Role.ADMIN)
+    assert client.get(f"/admin/webhooks/webhookendpoint/{endpoint.pk}/change/").status_code == 200
+    client.post(f"/admin/webhooks/webhookendpoint/{endpoint.pk}/delete/", {"post": "yes"})
+    assert not WebhookEndpoint.objects.unscoped().filter(pk=endpoint.pk).exists()
+    assert not WebhookDelivery.objects.unscoped().exists()

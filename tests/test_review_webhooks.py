@@ -364,12 +364,6 @@ def test_a_character_deleted_as_its_job_stores_outputs_ends_the_job_quietly_with
     assert subscribed("succeeded") == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="characters.services.character_delete must lock its character FOR UPDATE first and collect the file "
-    "names after that lock; until then it fails with IntegrityError when a job of the character commits outputs "
-    "between its collection and its DELETE (the worker side already holds the character FOR KEY SHARE)",
-)
 @pytest.mark.django_db(transaction=True)
 def test_deleting_a_character_while_its_job_commits_outputs_deletes_everything(
     gemini,  # noqa: F811

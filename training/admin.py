@@ -9,6 +9,7 @@ from django.utils.html import format_html
 from alkemy.errors import AlkemyError
 from alkemy.jobs import JobStatus
 from alkemy.tenancy.admin_base import TENANT_FILTER, TenantScopedAdmin
+from training import services
 from training.jobs import LR_SCHEDULES, training_cancel, training_submit
 from training.models import BaseModel, LoraArtifact, StyleLora, TrainingJob
 
@@ -18,11 +19,38 @@ class LoraArtifactAdmin(TenantScopedAdmin):
     list_display = ["character", "version", "base_model", "lora_format", "rank", "is_selected", "source", "created_at"]
     list_filter = ["base_model", "source", TENANT_FILTER]
     search_fields = ["character__name", "trigger_token"]
-    readonly_fields = ["file", "sha256", "file_size", "lora_format", "rank", "version", "source", "metadata",
-                       "created_by", "created_at"]  # fmt: skip
+    readonly_fields = ["file", "sha256", "file_size", "lora_format", "rank", "version", "source", "is_selected",
+                       "metadata", "created_by", "created_at"]  # fmt: skip
+    # a version belongs to one character of one tenant for good; its file was checked against its base
+    immutable_fields = ("character", "base_model")
+    actions = ["select_version"]
 
     def has_add_permission(self, request):
         return False  # uploaded through the API, which validates the file
+
+    @admin.action(description="Use the selected version for generations", permissions=["change"])
+    def select_version(self, request, queryset):
+        queryset = self.editable_queryset(request, queryset)
+        if queryset.count() != 1:
+            self.message_user(request, "Select exactly one version.", level=messages.ERROR)
+            return
+        artifact = services.lora_select(artifact=queryset.get())
+        self.message_user(request, f"{artifact} is now used for generations.")
+
+    def delete_model(self, request, obj):
+        services.lora_delete(artifact=obj)
+
+    def delete_queryset(self, request, queryset):
+        for artifact in self.editable_queryset(request, queryset):
+            try:
+                services.lora_delete(artifact=artifact)
+            except AlkemyError as exc:
+                self.message_user(request, f"{artifact}: not deleted — {exc.message}", level=messages.ERROR)
+
+    def has_delete_permission(self, request, obj=None):
+        if obj is not None and services.lora_in_use(artifact=obj):
+            return False  # queued or running generations still need the file
+        return super().has_delete_permission(request, obj)
 
 
 @admin.register(StyleLora)
@@ -30,9 +58,17 @@ class StyleLoraAdmin(TenantScopedAdmin):
     list_display = ["name", "tenant", "base_model", "lora_format", "rank", "created_at"]
     list_filter = ["base_model", TENANT_FILTER]
     readonly_fields = ["file", "sha256", "file_size", "lora_format", "rank", "created_at"]
+    immutable_fields = ("base_model",)
 
     def has_add_permission(self, request):
         return False
+
+    def delete_model(self, request, obj):
+        services.style_lora_delete(style=obj)
+
+    def delete_queryset(self, request, queryset):
+        for style in self.editable_queryset(request, queryset):
+            services.style_lora_delete(style=style)
 
 
 # --- LoRA training jobs --------------------------------------------------------------------------------------

@@ -108,6 +108,21 @@ class StyleLoraViewSet(TenantViewSet):
     def list(self, request):
         return Response(self.get_serializer(self.get_queryset(), many=True).data)
 
+    def style(self, pk) -> StyleLora:
+        pk = str(pk)
+        found = self.get_queryset().filter(pk=int(pk)).first() if pk.isascii() and pk.isdigit() else None
+        if found is None:
+            raise NotFound("No such style LoRA.", code="style_lora_not_found")
+        return found
+
+    def retrieve(self, request, pk=None):
+        return Response(self.get_serializer(self.style(pk)).data)
+
+    @extend_schema(responses={204: None})
+    def destroy(self, request, pk=None):
+        services.style_lora_delete(style=self.style(pk))
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
     @extend_schema(request={"multipart/form-data": StyleLoraUploadSerializer}, responses={201: StyleLoraSerializer})
     def create(self, request):
         form = StyleLoraUploadSerializer(data=request.data)

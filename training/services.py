@@ -11,6 +11,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Max
 
 from alkemy.errors import AlkemyError, Conflict
+from alkemy.files import delete_files_on_commit
 from alkemy.tenancy.models import Tenant
 from characters.models import Character
 from training.models import BaseModel, LoraArtifact, StyleLora, lora_upload_to
@@ -87,24 +88,43 @@ def lora_select(*, artifact: LoraArtifact) -> LoraArtifact:
     return artifact
 
 
-def lora_delete(*, artifact: LoraArtifact) -> None:
-    """Delete a LoRA version (finished jobs keep their outputs); refused while jobs wait to use it."""
+def lora_in_use(*, artifact: LoraArtifact) -> bool:
+    """Whether queued or running generations will still load this version's file."""
     from alkemy.jobs import JobStatus
     from generation.models import GenerationJob
 
-    pending = GenerationJob.objects.unscoped().filter(
-        lora=artifact, status__in=[JobStatus.QUEUED, JobStatus.RUNNING]
-    )
-    if pending.exists():
+    active = [JobStatus.QUEUED, JobStatus.RUNNING]
+    return GenerationJob.objects.unscoped().filter(lora=artifact, status__in=active).exists()
+
+
+def lora_delete(*, artifact: LoraArtifact) -> None:
+    """Delete a LoRA version (finished jobs keep their outputs); refused while jobs wait to use it."""
+    if lora_in_use(artifact=artifact):
         raise Conflict(
             "Queued or running generations use this LoRA version; cancel them or let them finish first.",
             code="lora_in_use",
             field="lora",
         )
-    name = artifact.file.name
     with transaction.atomic():
         artifact.delete()
-        transaction.on_commit(lambda: default_storage.delete(name))
+        delete_files_on_commit([artifact.file.name])
+
+
+def style_lora_delete(*, style: StyleLora) -> None:
+    """Delete a style LoRA (finished jobs keep their outputs); refused while jobs wait to use it."""
+    from alkemy.jobs import JobStatus
+    from generation.models import GenerationJob
+
+    active = [JobStatus.QUEUED, JobStatus.RUNNING]
+    if GenerationJob.objects.unscoped().filter(style_lora=style, status__in=active).exists():
+        raise Conflict(
+            "Queued or running generations use this style LoRA; cancel them or let them finish first.",
+            code="lora_in_use",
+            field="style_lora",
+        )
+    with transaction.atomic():
+        style.delete()
+        delete_files_on_commit([style.file.name])
 
 
 def style_lora_upload(*, tenant: Tenant, upload, name: str, base_model: str, trigger_token: str = "") -> StyleLora:

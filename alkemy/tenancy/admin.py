@@ -4,7 +4,7 @@ from django.utils import timezone
 
 from alkemy.tenancy.admin_base import TENANT_FILTER, TenantScopedAdmin, _roles_by_tenant
 from alkemy.tenancy.models import MANAGE_ROLES, ApiKey, Membership, Tenant
-from alkemy.tenancy.services import api_key_create
+from alkemy.tenancy.services import api_key_create, tenant_delete
 
 
 class MembershipInline(admin.TabularInline):
@@ -100,6 +100,13 @@ class TenantAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None):
         return request.user.is_superuser
 
+    def delete_model(self, request, obj):
+        tenant_delete(tenant=obj)  # everything it owns, and its media folder after commit
+
+    def delete_queryset(self, request, queryset):
+        for tenant in queryset:
+            tenant_delete(tenant=tenant)
+
 
 @admin.register(Membership)
 class MembershipAdmin(TenantScopedAdmin):
@@ -123,7 +130,9 @@ class MembershipAdmin(TenantScopedAdmin):
         return self.autocomplete_fields if request.user.is_superuser else []
 
     def get_readonly_fields(self, request, obj=None):
-        return [] if request.user.is_superuser else ["user", "tenant"]
+        if obj is not None or not request.user.is_superuser:
+            return ["user", "tenant"]  # a membership is one user in one tenant; change only its role
+        return []
 
 
 @admin.register(ApiKey)
@@ -132,8 +141,10 @@ class ApiKeyAdmin(TenantScopedAdmin):
     list_display = ["name", "tenant", "role", "display_prefix", "created_at", "last_used_at", "revoked_at"]
     list_filter = [TENANT_FILTER, "role"]
     search_fields = ["name", "prefix", "tenant__slug"]
-    readonly_fields = ["display_prefix", "created_by", "created_at", "last_used_at"]
+    readonly_fields = ["display_prefix", "created_by", "created_at", "last_used_at", "revoked_at"]
     fields = ["tenant", "name", "role", "display_prefix", "created_by", "created_at", "last_used_at", "revoked_at"]
+    # Revocation is final (the "Revoke" action) and a key's power never grows: make a new key instead.
+    immutable_fields = ("role",)
     actions = ["revoke"]
 
     @admin.display(description="Key prefix")

@@ -65,6 +65,8 @@ class TenantScopedAdmin(admin.ModelAdmin):
     tenant_lookup = "tenant"
     #: who may add, change and delete: members and up by default; owners/admins for credentials
     manage_only = False
+    #: rows only owners/admins may even see (webhook URLs are bearer secrets)
+    visible_to_managers_only = False
     #: fields fixed once the row exists, besides `tenant` (a row never changes tenant)
     immutable_fields: tuple[str, ...] = ()
 
@@ -93,7 +95,10 @@ class TenantScopedAdmin(admin.ModelAdmin):
             queryset = queryset.order_by(*ordering)
         if request.user.is_superuser:
             return queryset
-        return queryset.filter(**{f"{self.tenant_lookup}__in": list(_roles_by_tenant(request))})
+        return queryset.filter(**{f"{self.tenant_lookup}__in": list(self._visible_tenant_ids(request))})
+
+    def _visible_tenant_ids(self, request) -> set[int]:
+        return managed_tenant_ids(request) if self.visible_to_managers_only else set(_roles_by_tenant(request))
 
     def _tenant_id_of(self, obj) -> int | None:
         value = obj
@@ -104,13 +109,13 @@ class TenantScopedAdmin(admin.ModelAdmin):
         return value.pk if isinstance(value, Tenant) else value
 
     def has_module_permission(self, request):
-        return request.user.is_active and (request.user.is_superuser or bool(_roles_by_tenant(request)))
+        return request.user.is_active and (request.user.is_superuser or bool(self._visible_tenant_ids(request)))
 
     def has_view_permission(self, request, obj=None):
         if request.user.is_superuser:
             return True
-        roles = _roles_by_tenant(request)
-        return bool(roles) if obj is None else self._tenant_id_of(obj) in roles
+        visible = self._visible_tenant_ids(request)
+        return bool(visible) if obj is None else self._tenant_id_of(obj) in visible
 
     def has_add_permission(self, request):
         return request.user.is_superuser or bool(self._editable_tenant_ids(request))

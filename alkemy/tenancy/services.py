@@ -145,3 +145,13 @@ def tenant_gemini_key(tenant: Tenant) -> str | None:
             status_code=502,
             details={"provider": "gemini", "reason": "tenant_key_unreadable"},
         ) from None
+
+
+def tenant_delete(*, tenant: Tenant) -> None:
+    """Delete a tenant with everything it owns; its whole media folder goes after commit."""
+    from alkemy.files import delete_tenant_media_on_commit
+
+    with transaction.atomic():
+        tenant_id = tenant.pk
+        tenant.delete()
+        delete_tenant_media_on_commit(tenant_id)

@@ -27,9 +27,21 @@ class WebhookEndpointForm(forms.ModelForm):
 class WebhookEndpointAdmin(TenantScopedAdmin):
     form = WebhookEndpointForm
     manage_only = True  # like the API: owners and admins
+    visible_to_managers_only = True  # a Slack-style URL is a bearer secret
     list_display = ["url", "tenant", "events", "is_active", "created_at"]
     list_filter = [TENANT_FILTER, "is_active"]
     readonly_fields = ["secret_hint", "created_at"]
+
+    def delete_model(self, request, obj):
+        from alkemy.webhooks.services import endpoint_delete
+
+        endpoint_delete(endpoint=obj)  # locks the endpoint against in-flight delivery results
+
+    def delete_queryset(self, request, queryset):
+        from alkemy.webhooks.services import endpoint_delete
+
+        for endpoint in self.editable_queryset(request, queryset):
+            endpoint_delete(endpoint=endpoint)
 
     @admin.display(description="Secret")
     def secret_hint(self, obj):
@@ -64,6 +76,8 @@ class WebhookAttemptInline(TenantScopedInline, admin.TabularInline):
 
 @admin.register(WebhookDelivery)
 class WebhookDeliveryAdmin(TenantScopedAdmin):
+    manage_only = True
+    visible_to_managers_only = True  # the delivery log names the endpoint URL
     list_display = [
         "event",
         "endpoint",
