@@ -1,5 +1,5 @@
 """`make demo`: database, migrations, a demo tenant with an API key and an admin user, sample
-characters and a search by photo; then the web server and both worker clusters, and one
+characters and a search by photo; then the web server and the worker clusters (CPU, GPU, webhooks), and one
 generation with tiny models through the API."""
 
 import json
@@ -101,7 +101,7 @@ class Command(BaseCommand):
         }
         try:
             self.demo_generation(f"http://{addr}", api_key)
-            self.stdout.write(f"\nServing at http://{addr}/ with both worker clusters; Ctrl-C stops everything.")
+            self.stdout.write(f"\nServing at http://{addr}/ and all worker clusters; Ctrl-C stops everything.")
             children["web"].wait()
         except KeyboardInterrupt:
             pass
