@@ -747,6 +747,7 @@ def run_anchor(path: Path | None, tiny: bool, timeout: int) -> dict:
 def setup_django(work_dir: Path) -> None:
     """Settings only (no database is touched): InstantID asks the configured face embedder for its width."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "alkemy.settings")
+    os.environ.setdefault("SECRET_KEY", "bench-only-secret-key")  # settings refuse to start without one
     os.environ["ALKEMY_DATA_DIR"] = str(work_dir / "data")
     # The ID encoders are built for 512-d ArcFace input; name that embedder (its files are never loaded here).
     os.environ["ALKEMY_FACE_EMBEDDER"] = "arcface_antelopev2"

@@ -106,6 +106,7 @@ def bench_env(data_dir: Path, db_name: str, redis_url: str | None, torch_threads
         env.update(OMP_NUM_THREADS=str(torch_threads), MKL_NUM_THREADS=str(torch_threads))
     env.update(
         DJANGO_SETTINGS_MODULE="alkemy.settings",
+        SECRET_KEY=env.get("SECRET_KEY") or "bench-only-secret-key",  # settings refuse to start without one
         ALKEMY_DATA_DIR=str(data_dir),
         ALKEMY_DB_NAME=db_name,
         ALKEMY_MEDIA_ROOT=str(data_dir / "media"),

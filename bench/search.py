@@ -668,6 +668,7 @@ def enrolment_photos() -> dict[str, np.ndarray]:
 def measure_enrolment(runs: int) -> dict:
     """Detect + embed one ~1-megapixel photo with the project's configured face embedder."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "alkemy.settings")
+    os.environ.setdefault("SECRET_KEY", "bench-only-secret-key")  # settings refuse to start without one
     import django
 
     django.setup()
