@@ -44,13 +44,15 @@ class FluxTrainer:
     def num_examples(self) -> int:
         return len(self.latents)
 
-    def load(self) -> None:
+    def load(self, **components) -> None:
+        """The pipeline from the models dir; `components` replace folders (benchmarks hand in a random transformer)."""
         from diffusers import FluxPipeline
 
         from generation.lora.bases import require_base
 
         folder = require_base(self.config.models_dir, "flux")
-        self.pipeline = FluxPipeline.from_pretrained(folder, dtype=self.config.dtype).to(self.config.device)
+        pipeline = FluxPipeline.from_pretrained(folder, dtype=self.config.dtype, **components)
+        self.pipeline = pipeline.to(self.config.device)
         self.denoiser = self.pipeline.transformer
 
     @torch.no_grad()

@@ -86,10 +86,12 @@ def train(
     on_step: StepCallback | None = None,
     checkpoint: dict | None = None,
     on_checkpoint: CheckpointCallback | None = None,
+    components: dict | None = None,
 ) -> TrainingResult:
     """Load the base, encode `examples` once, add the LoRA and train it for `config.steps` steps.
 
-    With `checkpoint` (from `load_checkpoint`) the run continues after the checkpoint's step.
+    With `checkpoint` (from `load_checkpoint`) the run continues after the checkpoint's step. `components`
+    are pipeline components used instead of the folder's (the benchmark's random full-size denoisers).
     """
     if config.on_cuda:
         # torch's cuDNN attention backend crashed in FLUX's backward pass (illegal memory access)
@@ -97,7 +99,7 @@ def train(
         torch.backends.cuda.matmul.allow_tf32 = True
     trainer = trainer_for(config)
     clock = Clock(config)
-    trainer.load()
+    trainer.load(**(components or {}))
     load_seconds = clock.lap()
     trainer.cache(examples)
     prepare_seconds = clock.lap()

@@ -37,13 +37,16 @@ class SDXLTrainer:
     def num_examples(self) -> int:
         return len(self.latents)
 
-    def load(self) -> None:
+    def load(self, **components) -> None:
+        """The pipeline from the models dir; `components` replace folders (benchmarks hand in a random UNet)."""
         from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
         from generation.lora.bases import require_base
 
         folder = require_base(self.config.models_dir, "sdxl")
-        pipeline = StableDiffusionXLPipeline.from_pretrained(folder, dtype=self.config.dtype, add_watermarker=False)
+        pipeline = StableDiffusionXLPipeline.from_pretrained(
+            folder, dtype=self.config.dtype, add_watermarker=False, **components
+        )
         self.pipeline = pipeline.to(self.config.device)
         self.denoiser = pipeline.unet
         # the training noise schedule is DDPM's over the betas the base was trained with
