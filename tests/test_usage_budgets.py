@@ -37,19 +37,17 @@ def submit(api, character, **overrides):
     return api.post("/api/v1/generations", body(character, **overrides), format="json")
 
 
-@pytest.mark.django_db(transaction=True)
-def test_twenty_simultaneous_submissions_with_room_for_five_admit_exactly_five(studio_a, eileen):
-    # room for 5 estimates, not 6 (limits are whole cents)
-    budget_set(tenant=studio_a.tenant, monthly_limit=(GEMINI_IMAGE_ESTIMATE * Decimal("5.5")).quantize(Decimal("0.01")))
+def twenty_at_once(tenant_fixture, character) -> list:
+    """20 API submissions released together, each on its own thread and database connection."""
     start = threading.Barrier(20)
     answers: list = []
 
     def one_request():
         try:
-            client = studio_a.client()
+            client = tenant_fixture.client()
             start.wait()
-            response = submit(client, eileen)
-            answers.append((response.status_code, response.json()))
+            response = submit(client, character)
+            answers.append((response.status_code, response.json(), response.get("Retry-After")))
         finally:
             connection.close()  # this thread's own connection
 
@@ -58,15 +56,33 @@ def test_twenty_simultaneous_submissions_with_room_for_five_admit_exactly_five(s
         thread.start()
     for thread in threads:
         thread.join(60)
-    statuses = sorted(status for status, _ in answers)
+    return answers
+
+
+@pytest.mark.django_db(transaction=True)
+def test_twenty_simultaneous_submissions_with_room_for_five_admit_exactly_five(studio_a, eileen):
+    # room for 5 estimates, not 6 (limits are whole cents)
+    budget_set(tenant=studio_a.tenant, monthly_limit=(GEMINI_IMAGE_ESTIMATE * Decimal("5.5")).quantize(Decimal("0.01")))
+    answers = twenty_at_once(studio_a, eileen)
+    statuses = sorted(status for status, _, _ in answers)
     assert statuses == [202] * 5 + [402] * 15
     assert GenerationJob.objects.unscoped().filter(tenant=studio_a.tenant).count() == 5
     assert Reservation.objects.unscoped().filter(tenant=studio_a.tenant).count() == 5
-    refusal = next(body for status, body in answers if status == 402)["error"]
+    refusal = next(body for status, body, _ in answers if status == 402)["error"]
     assert refusal["code"] == "budget_exceeded"
     details = refusal["details"]
     assert Decimal(details["limit"]) == Decimal("0.21") and Decimal(details["estimate"]) == GEMINI_IMAGE_ESTIMATE
     assert Decimal(details["spent"]) == 0 and Decimal(details["reserved"]) == 5 * GEMINI_IMAGE_ESTIMATE
+
+
+
+@pytest.mark.django_db(transaction=True)
+def test_twenty_simultaneous_submissions_with_five_job_slots_admit_exactly_five(studio_a, eileen):
+    budget_set(tenant=studio_a.tenant, max_concurrent_jobs=5)
+    answers = twenty_at_once(studio_a, eileen)
+    assert sorted(status for status, _, _ in answers) == [202] * 5 + [429] * 15
+    assert all(int(retry_after) >= 1 for status, _, retry_after in answers if status == 429)
+    assert GenerationJob.objects.unscoped().filter(tenant=studio_a.tenant).count() == 5
 
 
 def test_the_job_limit_answers_429_with_retry_after_until_a_job_ends(api_a, studio_a, eileen):
