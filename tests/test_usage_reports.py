@@ -218,3 +218,15 @@ def test_the_daily_schedule_records_each_tenants_stored_bytes_once(characters, s
     assert event.occurred_at == datetime(2026, 11, 30, tzinfo=UTC) and event.billable
     usage_record_storage(tenant_id=studio_a.tenant.pk, day=date(2026, 11, 30))
     assert UsageEvent.objects.unscoped().filter(meter="storage_gb_hours").count() == 1
+
+
+def test_gpu_estimates_follow_the_rolling_median_of_measured_durations(characters, api_a):
+    eileen, _ = characters
+    for seconds in ("10", "20", "90"):  # 512² x 4 steps = 1 work unit each; the outlier does not move a median
+        gpu_job(eileen, at(6), seconds=seconds)
+    request = {"character": eileen.pk, "method": "pulid_flux", "prompt": "p", "width": 1024, "height": 1024,
+               "steps": 4}  # fmt: skip
+    estimate = api_a.post("/api/v1/generations?dry_run=true", request, format="json").json()["estimate"]
+    assert estimate["gpu_class"] == "H100" and "median of 3 recent pulid_flux runs on H100" in estimate["basis"]
+    assert estimate["device_seconds"] == 80.0  # 4 work units x 20 s
+    assert Decimal(estimate["cost"]) == (Decimal(80) * Decimal("2.99") / 3600).quantize(Decimal("0.000001"))
