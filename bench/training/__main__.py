@@ -50,12 +50,18 @@ def run_anchor(path: Path, *, tiny: bool, timeout: int) -> dict:
     return report
 
 
+def measure_variants() -> list[str]:
+    from bench.training.measure import VARIANTS
+
+    return list(VARIANTS)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="LoRA training speed through our trainer (see bench/training).")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="tiny models at 64², a few steps: a smoke run")
     parser.add_argument("--only", choices=["sdxl", "flux"])
-    parser.add_argument("--variants", default=None, help="comma list of eager,compiled,gc,compiled_gc")
+    parser.add_argument("--variants", default=None, help="comma list of " + ",".join(measure_variants()))
     parser.add_argument("--resolution", type=int, default=None, help="default 1024 (tiny 64)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; tiny 1)")
@@ -69,7 +75,7 @@ def main() -> None:
     parser.add_argument("--cpu-threads", type=int, default=1, help="torch threads on the CPU")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
-    variants = (args.variants or ("eager" if args.tiny else "eager,compiled")).split(",")
+    variants = (args.variants or ("eager" if args.tiny else "eager,compiled,compiled_bf16")).split(",")
     resolution = args.resolution or (64 if args.tiny else 1024)
     warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
     steps = args.steps or (3 if args.tiny else 20)

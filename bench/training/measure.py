@@ -20,6 +20,7 @@ class Variant:
     name: str
     compile_blocks: bool = False
     gradient_checkpointing: bool = False
+    lora_bf16: bool = False  # LoRA weights (and AdamW state) in bf16 too: "bf16 throughout"
 
 
 VARIANTS = {
@@ -27,6 +28,8 @@ VARIANTS = {
     "compiled": Variant("compiled", compile_blocks=True),
     "gc": Variant("gc", gradient_checkpointing=True),
     "compiled_gc": Variant("compiled_gc", compile_blocks=True, gradient_checkpointing=True),
+    "bf16": Variant("bf16", lora_bf16=True),
+    "compiled_bf16": Variant("compiled_bf16", compile_blocks=True, lora_bf16=True),
 }
 
 
@@ -57,6 +60,7 @@ def run(*, base_model: str, models_dir: Path, components: dict, variant: Variant
         base_model=base_model, models_dir=models_dir, steps=warmup + steps, rank=rank, learning_rate=1e-4,
         resolution=resolution, checkpoint_every=0, log_every=log_every, device=device,
         compile_blocks=variant.compile_blocks, gradient_checkpointing=variant.gradient_checkpointing,
+        lora_dtype=torch.bfloat16 if variant.lora_bf16 else torch.float32,
     )  # fmt: skip
     on_cuda = device.startswith("cuda")
     if on_cuda:

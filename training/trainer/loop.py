@@ -47,6 +47,7 @@ class TrainingConfig:
     compile_blocks: bool = False  # torch.compile each repeated transformer block
     device: str | None = None  # None: cuda when available, else cpu
     dtype: torch.dtype | None = None  # frozen base: None → bf16 on CUDA, fp32 on CPU
+    lora_dtype: torch.dtype = torch.float32  # the trained weights (bf16: "bf16 throughout", benchmarks)
 
     def __post_init__(self) -> None:
         from generation.methods.base import LoadOptions
@@ -122,13 +123,13 @@ def lora_config(config: TrainingConfig, target_modules: tuple[str, ...]):
 
 
 def add_lora(denoiser: torch.nn.Module, config: TrainingConfig, target_modules: tuple[str, ...]) -> None:
-    """Freeze the base, add the LoRA (its weights in fp32 whatever the base dtype), set up speed options."""
+    """Freeze the base, add the LoRA (its weights in `config.lora_dtype`, fp32 by default), set up speed options."""
     torch.manual_seed(config.seed)  # the gaussian init of lora_A
     denoiser.requires_grad_(False)
     denoiser.add_adapter(lora_config(config, target_modules))
     for param in denoiser.parameters():
         if param.requires_grad:
-            param.data = param.data.float()
+            param.data = param.data.to(config.lora_dtype)
     if config.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     if config.compile_blocks:
