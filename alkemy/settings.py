@@ -66,6 +66,7 @@ INSTALLED_APPS = [
     "generation",
     "training",
     "usage",
+    "shotlists",
 ]
 
 MIDDLEWARE = [
@@ -249,6 +250,9 @@ ALKEMY_MAX_IMAGE_SIDE = env_int("ALKEMY_MAX_IMAGE_SIDE", 2048)
 ALKEMY_MAX_STEPS = env_int("ALKEMY_MAX_STEPS", 100)
 ALKEMY_MAX_NUM_IMAGES = env_int("ALKEMY_MAX_NUM_IMAGES", 8)
 ALKEMY_METHOD_TIMEOUT_SECONDS = env_int("ALKEMY_METHOD_TIMEOUT_SECONDS", 1800)
+# Shot lists (shotlists/): most shots per list, most jobs (characters × methods × shots) one list fans out into
+ALKEMY_SHOTLIST_MAX_SHOTS = env_int("ALKEMY_SHOTLIST_MAX_SHOTS", 100)
+ALKEMY_SHOTLIST_MAX_JOBS = env_int("ALKEMY_SHOTLIST_MAX_JOBS", 400)
 ALKEMY_GPU_MEMORY_BUDGET_GB = float(os.environ.get("ALKEMY_GPU_MEMORY_BUDGET_GB", "0"))  # 0: 90 % of the device
 ALKEMY_WEBHOOK_ALLOW_PRIVATE = env_bool("ALKEMY_WEBHOOK_ALLOW_PRIVATE", False)
 ALKEMY_WEBHOOK_MAX_ATTEMPTS = env_int("ALKEMY_WEBHOOK_MAX_ATTEMPTS", 8)

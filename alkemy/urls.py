@@ -18,6 +18,7 @@ api_v1 = [
     path("", include("generation.urls")),
     path("", include("training.urls")),
     path("", include("usage.urls")),
+    path("", include("shotlists.urls")),
     path("", include("alkemy.webhooks.urls")),
 ]
 
