@@ -97,7 +97,8 @@ class CharacterAdmin(TenantScopedAdmin):
     list_filter = [TENANT_FILTER, "is_archived"]
     search_fields = ["name", "slug", "description"]
     prepopulated_fields = {"slug": ["name"]}
-    readonly_fields = ["generate_link", "train_link", "created_by", "created_by_api_key", "created_at", "updated_at"]
+    readonly_fields = ["generate_link", "train_link", "shotlist_link", "created_by", "created_by_api_key",
+                       "created_at", "updated_at"]  # fmt: skip
     inlines = [ReferenceImageInline]
 
     @admin.display(description="Generate")
@@ -113,6 +114,13 @@ class CharacterAdmin(TenantScopedAdmin):
             return "Save the character first."
         url = reverse("admin:training_trainingjob_train", args=[obj.pk])
         return format_html('<a class="button" href="{}">Train a LoRA…</a>', url)
+
+    @admin.display(description="Shot list")
+    def shotlist_link(self, obj):
+        if obj.pk is None:
+            return "Save the character first."
+        url = reverse("admin:shotlists_shotlist_new", args=[obj.pk])
+        return format_html('<a class="button" href="{}">Shot list…</a>', url)
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(reference_total=Count("references"))

@@ -98,7 +98,7 @@ def _about_the_shot(error: AlkemyError, *, index: int, character: Character, met
     elif error.field == "num_images":
         error.details["field"] = "images_per_shot"
     error.details.update(shot=index, character=character.pk, method=method)
-    error.message = f"Shot {index + 1} ({character.name}, {method}): {error.message}"
+    error.message = f"Shot {index} ({character.name}, {method}): {error.message}"
     error.args = (error.message,)
     return error
 

@@ -7,6 +7,7 @@ from alkemy.jobs import JobStatus
 from characters.services import character_create, reference_add
 from generation.models import GenerationJob
 from generation.tasks import run_generation_job
+from shotlists import services
 from shotlists.models import Shot, ShotJob, ShotList
 from tests import photos
 from usage.services import budget_set
@@ -179,3 +180,53 @@ def test_reroll_of_an_output_of_another_list_is_404(api_a, eileen):
     assert response.status_code == 404 and response.json()["error"]["code"] == "output_not_found"
     nothing = api_a.post(f"/api/v1/shotlists/{shot_list}/reroll", {}, format="json")
     assert nothing.status_code == 400 and nothing.json()["error"]["code"] == "nothing_to_reroll"
+
+
+def test_staff_create_a_shot_list_from_the_character_page_one_prompt_per_line(client, staff_of_a, eileen, tom):
+    client.force_login(staff_of_a)
+    page = client.get(f"/admin/characters/character/{eileen.pk}/change/").content.decode()
+    url = f"/admin/shotlists/shotlist/new/{eileen.pk}/"
+    assert url in page
+    response = client.post(url, {
+        "name": "Chase", "prompts": "on a rooftop\n\nin a car at night\n", "other_characters": [tom.pk],
+        "methods": ["pulid_flux", "instantid_sdxl"], "negative_prompt": "", "width": 64, "height": 64, "steps": 2,
+        "images_per_shot": 1,
+    })  # fmt: skip
+    shot_list = ShotList.objects.unscoped().get(name="Chase")
+    assert response.status_code == 302 and response["Location"].endswith(f"/shotlist/{shot_list.pk}/change/")
+    prompts = [s.prompt for s in Shot.objects.unscoped().filter(shot_list=shot_list)]
+    assert prompts == ["on a rooftop", "in a car at night"]
+    assert ShotJob.objects.unscoped().filter(shot_list=shot_list).count() == 8
+
+    change = client.get(f"/admin/shotlists/shotlist/{shot_list.pk}/change/").content.decode()
+    assert f"/admin/shotlists/shotlist/{shot_list.pk}/contact-sheet.png" in change and "Consistency report" in change
+    assert client.get(f"/admin/shotlists/shotlist/{shot_list.pk}/contact-sheet.png")["Content-Type"] == "image/png"
+    assert client.get(f"/admin/shotlists/shotlist/{shot_list.pk}/report.csv").content.decode().startswith(
+        "character_id,"
+    )
+    response = client.post("/admin/shotlists/shotlist/", {"action": "cancel", "_selected_action": [shot_list.pk]})
+    assert response.status_code == 302
+    assert set(GenerationJob.objects.unscoped().values_list("status", flat=True)) == {JobStatus.CANCELED}
+
+
+def test_admin_refuses_a_bad_list_with_the_message_and_queues_nothing(client, staff_of_a, eileen):
+    client.force_login(staff_of_a)
+    response = client.post(f"/admin/shotlists/shotlist/new/{eileen.pk}/", {
+        "name": "Bad", "prompts": "fine\nfine too", "methods": ["pulid_flux"], "width": 65, "height": 64,
+        "images_per_shot": 1,
+    })  # fmt: skip
+    assert response.status_code == 200 and "invalid_parameter" in response.content.decode()
+    assert nothing_stored()
+
+
+def test_staff_of_another_tenant_cannot_see_or_create(client, staff_of_a, studio_b):
+    outsider = character_create(tenant=studio_b.tenant, name="Outsider")
+    reference_add(character=outsider, upload=photos.upload(photos.tom_hanks()))
+    client.force_login(staff_of_a)
+    assert client.get(f"/admin/shotlists/shotlist/new/{outsider.pk}/").status_code == 404
+    theirs, _ = services.shotlist_submit(
+        tenant=studio_b.tenant, name="Theirs", characters=[outsider], methods=["gemini"],
+        shots=[services.ShotSpec(prompt="x", width=64, height=64)],
+    )  # fmt: skip
+    assert client.get(f"/admin/shotlists/shotlist/{theirs.pk}/contact-sheet.png").status_code == 404
+    assert client.get(f"/admin/shotlists/shotlist/{theirs.pk}/change/").status_code in (302, 404)
