@@ -1,13 +1,14 @@
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from alkemy.api.fields import StrictBooleanField, StrictCharField, StrictModelSerializer, StrictSlugField
 from characters.models import Character, ReferenceImage
 
 
-class CharacterSerializer(serializers.ModelSerializer):
-    slug = serializers.SlugField(max_length=100, required=False, allow_blank=True)
-    tags = serializers.ListField(child=serializers.CharField(max_length=50), required=False, max_length=20)
-    archived = serializers.BooleanField(source="is_archived", required=False)
+class CharacterSerializer(StrictModelSerializer):
+    slug = StrictSlugField(max_length=100, required=False, allow_blank=True)
+    tags = serializers.ListField(child=StrictCharField(max_length=50), required=False, max_length=20)
+    archived = StrictBooleanField(source="is_archived", required=False)
     reference_count = serializers.SerializerMethodField()
 
     class Meta:

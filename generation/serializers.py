@@ -2,22 +2,23 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from alkemy.api.fields import StrictCharField, StrictFloatField, StrictIntegerField
 from alkemy.api.schema import ErrorSerializer  # a failed job's error has the API error's shape
 from generation.methods import DEFAULT_METHOD, METHODS
 from generation.models import GeneratedImage, GenerationJob
 
 
 class GenerationCreateSerializer(serializers.Serializer):
-    character = serializers.IntegerField()
+    character = StrictIntegerField()
     method = serializers.ChoiceField(choices=list(METHODS), default=DEFAULT_METHOD)
-    prompt = serializers.CharField(max_length=4000)
-    negative_prompt = serializers.CharField(max_length=4000, required=False, allow_blank=True, default="")
-    width = serializers.IntegerField(required=False, default=1024)
-    height = serializers.IntegerField(required=False, default=1024)
-    steps = serializers.IntegerField(required=False, allow_null=True, default=None)
-    guidance = serializers.FloatField(required=False, allow_null=True, default=None)
-    seed = serializers.IntegerField(required=False, allow_null=True, default=None, min_value=0, max_value=2**31 - 1)
-    num_images = serializers.IntegerField(required=False, default=1)
+    prompt = StrictCharField(max_length=4000)
+    negative_prompt = StrictCharField(max_length=4000, required=False, allow_blank=True, default="")
+    width = StrictIntegerField(required=False, default=1024)
+    height = StrictIntegerField(required=False, default=1024)
+    steps = StrictIntegerField(required=False, allow_null=True, default=None)
+    guidance = StrictFloatField(required=False, allow_null=True, default=None)
+    seed = StrictIntegerField(required=False, allow_null=True, default=None, min_value=0, max_value=2**31 - 1)
+    num_images = StrictIntegerField(required=False, default=1)
     params = serializers.DictField(required=False, default=dict, help_text="Method parameters, e.g. id_weight")
 
 

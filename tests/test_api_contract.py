@@ -117,6 +117,25 @@ def test_tags_as_a_string_are_refused_in_json_and_forms_are_not_accepted(api_a, 
         assert_documented(schema, "POST", "/api/v1/characters", response)
 
 
+@pytest.mark.parametrize(
+    ("url", "body", "field"),
+    [
+        ("/api/v1/characters", {"name": "Kai", "archived": 0}, "archived"),
+        ("/api/v1/characters", {"name": "Kai", "archived": "yes"}, "archived"),
+        ("/api/v1/characters", {"name": 0}, "name"),
+        ("/api/v1/characters", {"name": "Kai", "tags": [0]}, "tags"),
+        ("/api/v1/generations", {"character": "1", "prompt": "x"}, "character"),
+        ("/api/v1/generations", {"character": 1, "prompt": 5}, "prompt"),
+        ("/api/v1/generations", {"character": 1, "prompt": "x", "width": "64"}, "width"),
+        ("/api/v1/generations", {"character": 1, "prompt": "x", "guidance": "3.5"}, "guidance"),
+        ("/api/v1/webhooks", {"url": "https://hooks.example.com/a", "is_active": 1}, "is_active"),
+    ],
+)
+def test_json_values_of_the_wrong_type_are_400_not_coerced(api_a, url, body, field):
+    response = api_a.post(url, body, format="json")
+    assert assert_error(response, 400, "validation_error")["details"]["field"] == field
+
+
 def test_errors_of_the_review_are_documented_where_they_happen(studio_a, api_a, schema):
     kai = character_create(tenant=studio_a.tenant, name="Kai", slug="kai")
     oversized = json.dumps({"name": "x" * (settings.DATA_UPLOAD_MAX_MEMORY_SIZE + 1)})
@@ -195,6 +214,7 @@ def test_query_parameters_are_documented_with_their_bounds(schema):
     assert parameters["archived"]["schema"]["type"] == "boolean"
     assert re.fullmatch(parameters["ordering"]["schema"]["pattern"], "-created_at,name")
     assert not re.fullmatch(parameters["ordering"]["schema"]["pattern"], "password")
+    assert re.fullmatch(parameters["ordering"]["schema"]["pattern"], "")  # empty: the default order
     # Views that do not search or sort do not pretend to.
     references = schema["paths"]["/api/v1/characters/{character_pk}/references"]["get"]
     assert {p["name"] for p in references["parameters"]} == {"character_pk"}

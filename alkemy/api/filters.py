@@ -63,8 +63,9 @@ class StrictOrderingFilter(filters.OrderingFilter):
                 "name": self.ordering_param,
                 "required": False,
                 "in": "query",
-                "description": f"Sort by {', '.join(fields)}; a leading `-` reverses. Comma-separate several.",
-                "schema": {"type": "string", "pattern": rf"^-?({names})(,-?({names}))*$"},
+                "description": f"Sort by {', '.join(fields)}; a leading `-` reverses. Comma-separate several. "
+                "Empty: the default order.",
+                "schema": {"type": "string", "pattern": rf"^(-?({names})(,-?({names}))*)?$"},
             }
         ]
 

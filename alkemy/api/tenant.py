@@ -5,6 +5,7 @@ from rest_framework import serializers
 from rest_framework.response import Response
 
 from alkemy.api.base import TenantAPIView
+from alkemy.api.fields import StrictCharField
 from alkemy.crypto import secret_status
 from alkemy.tenancy.models import MANAGE_ROLES
 from alkemy.tenancy.services import tenant_set_gemini_key
@@ -31,7 +32,7 @@ TenantSerializer = inline_serializer(
 
 
 class GeminiKeySerializer(serializers.Serializer):
-    api_key = serializers.CharField(allow_blank=True, help_text="Empty clears it (the global key is used)")
+    api_key = StrictCharField(allow_blank=True, help_text="Empty clears it (the global key is used)")
 
 
 class TenantView(TenantAPIView):

@@ -9,14 +9,16 @@ from rest_framework import exceptions, serializers
 from rest_framework.response import Response
 
 from alkemy.api.base import TenantModelViewSet
+from alkemy.api.fields import StrictBooleanField, StrictModelSerializer
 from alkemy.errors import NotFound
 from alkemy.tenancy.models import MANAGE_ROLES
 from alkemy.webhooks import services
 from alkemy.webhooks.models import EVENTS, WebhookDelivery, WebhookEndpoint
 
 
-class WebhookEndpointSerializer(serializers.ModelSerializer):
+class WebhookEndpointSerializer(StrictModelSerializer):
     events = serializers.ListField(child=serializers.ChoiceField(choices=EVENTS), required=False)
+    is_active = StrictBooleanField(required=False)
     secret_hint = serializers.SerializerMethodField()
 
     class Meta:
