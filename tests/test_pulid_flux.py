@@ -99,6 +99,7 @@ def test_id_weight_zero_is_plain_flux_and_the_id_changes_the_image(method, model
         height=64,
         num_inference_steps=2,
         guidance_scale=PulidFluxMethod.default_guidance,
+        max_sequence_length=128,  # PuLID's prompt length
         generator=generator_for(5, "cpu"),
     ).images[0]
     plain = np.asarray(plain)
@@ -124,9 +125,13 @@ def test_true_cfg_gives_the_negative_pass_the_unconditional_id(method, astronaut
     calls = []
     images = run(method, [astronaut], true_cfg=2.0, on_step=lambda step, total: calls.append(step))
     assert calls == [1, 2]
-    # 2 steps x (conditional pass, negative pass) x 2 cross-attentions of the tiny transformer.
-    assert passes == [0, 0, 1, 1, 0, 0, 1, 1]
+    # x 2 cross-attentions of the tiny transformer: step 0 conditional only (PuLID's
+    # timestep_to_start_cfg=1), step 1 conditional then negative.
+    assert passes == [0, 0, 0, 0, 1, 1]
     assert not np.array_equal(images[0], run(method, [astronaut])[0])
+    passes.clear()
+    run(method, [astronaut], true_cfg=2.0, timestep_to_start_cfg=0)
+    assert passes == [0, 0, 1, 1, 0, 0, 1, 1]
     uncond = method.id_encoder.unconditional()
     assert uncond.shape == method.id_encoder.encode(astronaut).shape
 

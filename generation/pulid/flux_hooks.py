@@ -90,7 +90,7 @@ def attach_pulid(transformer: nn.Module, ca_modules: nn.ModuleList, injection: I
 
     def next_pass(module, args, output):
         # The conditional and the (true-CFG) negative pass alternate within a denoising step; the
-        # step callback (`IdInjection.step_done`) resets the counter.
+        # denoising loop resets the counter after each step (`IdInjection.step_done`).
         injection.pass_index += 1
 
     handles.append(transformer.register_forward_hook(next_pass))
