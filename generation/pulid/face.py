@@ -1,9 +1,12 @@
-"""From a reference photo to PuLID's EVA-CLIP input: align to 512x512, parse, keep the grey face.
+"""From a reference photo to PuLID's EVA-CLIP input: shrink, align to 512x512, parse, keep the grey face.
 
-PuLID detects and aligns with facexlib's `FaceRestoreHelper(face_size=512)`; we already have the
-5 keypoints from the registry's face analysis, so we only reproduce its warp: a similarity
-transform (rotation, uniform scale, translation) fitted with LMedS to facexlib's 512-px FFHQ
-template, border filled with the same grey.
+PuLID's FLUX demo first shrinks the ID photo to a 1024-px long side (`resize_numpy_image_long`,
+Lanczos, never enlarging), then detects and aligns with facexlib's `FaceRestoreHelper(face_size=512)`.
+We already have the 5 keypoints from the registry's face analysis (in the full-size photo), so we
+shrink the photo the same way, move the keypoints with it, and reproduce facexlib's warp: a
+similarity transform (rotation, uniform scale, translation) fitted with LMedS to its 512-px FFHQ
+template, border filled with the same grey. Warping a large upload straight to 512 px would skip
+the Lanczos low-pass and alias.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import torch.nn.functional as F
 from generation.pulid.bisenet import BACKGROUND_LABELS, IMAGENET_MEAN, IMAGENET_STD, BiSeNet
 
 ALIGNED_SIZE = 512
+#: PuLID's FLUX demo shrinks the ID photo to this long side before detection and alignment
+ID_IMAGE_LONG_SIDE = 1024
 #: facexlib's standard 5 landmarks of a 512x512 FFHQ face, in insightface's keypoint order
 #: (image-left eye, image-right eye, nose tip, left mouth corner, right mouth corner)
 FACE_TEMPLATE_512 = np.array(
@@ -30,6 +35,25 @@ FACE_TEMPLATE_512 = np.array(
 )
 #: facexlib's border value is BGR (135, 133, 132) on a BGR image; this is the same grey in RGB
 BORDER_RGB = (132, 133, 135)
+
+
+def limit_long_side(
+    image: np.ndarray, keypoints: np.ndarray, long_side: int = ID_IMAGE_LONG_SIDE
+) -> tuple[np.ndarray, np.ndarray]:
+    """The photo shrunk to `long_side` as PuLID does (Lanczos, sizes truncated), and its keypoints moved along.
+
+    A photo whose long side is already at most `long_side` is returned unchanged. Keypoints are in
+    pixel-centre coordinates, which cv2.resize maps as x' = (x + 0.5) * new / old - 0.5.
+    """
+    height, width = image.shape[:2]
+    if max(height, width) <= long_side:
+        return image, np.asarray(keypoints, dtype=np.float32)
+    factor = long_side / max(height, width)
+    new_height, new_width = int(height * factor), int(width * factor)
+    resized = cv2.resize(np.ascontiguousarray(image), (new_width, new_height), interpolation=cv2.INTER_LANCZOS4)
+    scale = np.array([new_width / width, new_height / height], dtype=np.float64)
+    moved = (np.asarray(keypoints, dtype=np.float64).reshape(-1, 2) + 0.5) * scale - 0.5
+    return resized, moved.astype(np.float32)
 
 
 def alignment_matrix(keypoints: np.ndarray, size: int = ALIGNED_SIZE) -> np.ndarray:
@@ -71,8 +95,13 @@ def face_features_image(aligned_rgb: np.ndarray, parser: BiSeNet) -> torch.Tenso
 
 
 def eva_input(face_image: torch.Tensor, image_size: int, mean, std) -> torch.Tensor:
-    """Resize (bicubic, antialiased like torchvision's tensor resize) and CLIP-normalise for EVA-CLIP."""
-    resized = F.interpolate(face_image, size=(image_size, image_size), mode="bicubic", antialias=True)
+    """Resize (bicubic, no antialiasing) and CLIP-normalise for EVA-CLIP.
+
+    PuLID resizes the 512-px tensor with torchvision 0.15.2's `resize(..., BICUBIC)`, which on
+    tensors does not antialias (and does not clamp floats): plain bicubic interpolation, which the
+    EVA features were computed with.
+    """
+    resized = F.interpolate(face_image, size=(image_size, image_size), mode="bicubic", align_corners=False)
     mean = torch.tensor(mean, device=face_image.device).view(1, 3, 1, 1)
     std = torch.tensor(std, device=face_image.device).view(1, 3, 1, 1)
     return (resized - mean) / std

@@ -1,7 +1,10 @@
 """Reference faces → PuLID ID tokens: align, parse, EVA-CLIP, IDFormer; and how several faces combine.
 
-Several references. Each reference photo is encoded on its own (the IDFormer was trained on one
-face at a time), then the per-photo ID tokens are combined:
+Several references are our extension: PuLID's FLUX pipeline takes exactly one ID image (and
+within it the largest face); PuLID v1.1 (SDXL) feeds several photos jointly to one IDFormer call.
+With one reference both modes give that reference's own ID tokens, the official case. Each reference photo
+is encoded on its own (the IDFormer was trained on one face at a time), then the per-photo ID
+tokens are combined:
 
 - `"mean"` (default): the element-wise mean of the (num_queries x output_dim) token sets. The
   FLUX cross-attentions then see exactly as many tokens as in training, with the same scale, and
@@ -25,7 +28,7 @@ from generation.methods.base import InvalidWeights, ReferenceFace
 from generation.pulid.bisenet import BiSeNet
 from generation.pulid.encoders import IDFormer
 from generation.pulid.eva_clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, EvaVisionTransformer
-from generation.pulid.face import align_face, eva_input, face_features_image
+from generation.pulid.face import align_face, eva_input, face_features_image, limit_long_side
 
 ID_MIX_MODES = ("mean", "concat")
 
@@ -68,7 +71,8 @@ class PulidIdEncoder(nn.Module):
     @torch.no_grad()
     def eva_features(self, reference: ReferenceFace) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Aligned, parsed, grey face → (unit EVA-CLIP embedding (1, E), 5 hidden states)."""
-        aligned = align_face(reference.image, reference.keypoints)
+        image, keypoints = limit_long_side(reference.image, reference.keypoints)
+        aligned = align_face(image, keypoints)
         face = face_features_image(aligned, self.parser)
         dtype = self.eva.cls_token.dtype
         pixels = eva_input(face.to(self.eva.cls_token.device), self.eva.image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)

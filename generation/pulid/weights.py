@@ -96,20 +96,62 @@ def eva_config(visual: dict, file: Path) -> dict:
     )
 
 
+def _read_checkpoint(path: Path) -> dict:
+    """A torch checkpoint's tensors, never running pickled code (`weights_only=True`)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InvalidWeights(f"{path} is not a readable torch checkpoint: {exc}", details={"file": str(path)}) from exc
+    if not isinstance(checkpoint, dict):
+        raise InvalidWeights(f"{path} should hold a state dict", details={"file": str(path)})
+    return checkpoint
+
+
+#: Keys of the released `EVA02_CLIP_L_336_psz14_s6B.pt` that PuLID does not use, by exact name pattern.
+#: The file is a whole EVA-CLIP model: besides `visual.*` it holds the text tower (an OpenCLIP
+#: transformer with nn.MultiheadAttention blocks) and the contrastive `logit_scale`. EVA-02's rotary
+#: tables are one module shared by the tower and every block, so they are saved under each name;
+#: they follow from the geometry and are recomputed (the eva_clip loader can drop them too).
+EVA_UNUSED_KEYS = re.compile(
+    "|".join(
+        (
+            r"logit_scale",
+            r"text\.logit_scale",  # where older eva_clip checkpoints keep it
+            r"text\.(token_embedding\.weight|positional_embedding|text_projection|ln_final\.(weight|bias))",
+            r"text\.transformer\.resblocks\.\d+\.(ln_1|ln_2)\.(weight|bias)",
+            r"text\.transformer\.resblocks\.\d+\.attn\.(in_proj_weight|in_proj_bias|out_proj\.(weight|bias))",
+            r"text\.transformer\.resblocks\.\d+\.mlp\.(c_fc|c_proj)\.(weight|bias)",
+            r"visual\.(blocks\.\d+\.attn\.)?rope\.freqs_(cos|sin)",
+        )
+    )
+)
+
+
 def load_eva_clip(path: Path) -> EvaVisionTransformer:
-    """The vision tower of an EVA-CLIP checkpoint (`text.*` and `logit_scale` are ignored)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    """The vision tower of the full EVA-CLIP checkpoint, strictly.
+
+    `visual.*` must be exactly the tower's keys; the text tower, `logit_scale` and the rotary
+    tables are ignored by name (`EVA_UNUSED_KEYS`); any other key is refused.
+    """
+    checkpoint = _read_checkpoint(path)
     for wrapper in ("model", "module", "state_dict"):  # the eva_clip loader accepts these wrappers
         if isinstance(checkpoint.get(wrapper), dict):
             checkpoint = checkpoint[wrapper]
             break
     checkpoint = {k.removeprefix("module."): v for k, v in checkpoint.items()}
-    # RoPE tables are recomputed from the geometry (the eva_clip loader drops them too).
-    visual = {
-        k.removeprefix(EVA_PREFIX): v
-        for k, v in checkpoint.items()
-        if k.startswith(EVA_PREFIX) and "rope.freqs_" not in k
-    }
+    visual, unexpected = {}, []
+    for key, value in checkpoint.items():
+        if EVA_UNUSED_KEYS.fullmatch(key):
+            continue
+        if key.startswith(EVA_PREFIX):
+            visual[key.removeprefix(EVA_PREFIX)] = value
+        else:
+            unexpected.append(key)
+    if unexpected:
+        raise InvalidWeights(
+            f"{path} is not an EVA-CLIP checkpoint: unexpected keys: {_names(unexpected, '')}",
+            details={"file": str(path), "missing": [], "unexpected": sorted(unexpected), "wrong_shape": []},
+        )
     if not visual:
         raise InvalidWeights(
             f"{path} has no '{EVA_PREFIX}*' keys: not an EVA-CLIP checkpoint", details={"file": str(path)}
@@ -126,7 +168,8 @@ def load_eva_clip(path: Path) -> EvaVisionTransformer:
 
 
 def load_bisenet(path: Path) -> BiSeNet:
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    """facexlib's `parsing_bisenet.pth` (a plain BiSeNet state dict, loaded strictly as facexlib does)."""
+    state_dict = _read_checkpoint(path)
     model = BiSeNet(
         num_classes=_shape(state_dict, "conv_out.conv_out.weight", path)[0],
         base_width=_shape(state_dict, "cp.resnet.conv1.weight", path)[0],

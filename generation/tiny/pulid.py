@@ -19,13 +19,51 @@ TINY_FLUX_INNER_DIM = 32
 TINY_FLUX_NUM_CA = 2  # ceil(2 / 2) + ceil(4 / 4)
 
 TINY_EVA = dict(image_size=56, patch_size=14, width=64, depth=6, num_heads=1, mlp_dim=170, embed_dim=32)
+#: EVA02-CLIP-L-14-336's text tower is 12 x 768 wide over a 77-token context and a 49408-word vocabulary
+TINY_EVA_TEXT = dict(width=16, layers=2, context_length=77, vocab_size=64)
 TINY_IDFORMER = dict(dim=32, depth=5, dim_head=32, heads=1, num_id_token=5, num_queries=8, output_dim=16, ff_mult=2)
 TINY_IDFORMER_MAPPING_DIM = 32
 TINY_BISENET_WIDTH = 8
 
 
+def clip_text_tower_state(*, width: int, layers: int, context_length: int, vocab_size: int, embed_dim: int) -> dict:
+    """`text.*` of an EVA-CLIP checkpoint: OpenCLIP's text transformer, real key names, small sizes."""
+    from collections import OrderedDict
+
+    from torch import nn
+
+    def block() -> nn.Module:
+        return nn.ModuleDict(
+            dict(
+                ln_1=nn.LayerNorm(width),
+                attn=nn.MultiheadAttention(width, 1),
+                ln_2=nn.LayerNorm(width),
+                mlp=nn.Sequential(
+                    OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=nn.GELU(), c_proj=nn.Linear(4 * width, width))
+                ),
+            )
+        )
+
+    tower = nn.ModuleDict(
+        dict(
+            token_embedding=nn.Embedding(vocab_size, width),
+            transformer=nn.ModuleDict(dict(resblocks=nn.ModuleList(block() for _ in range(layers)))),
+            ln_final=nn.LayerNorm(width),
+        )
+    )
+    state = {f"text.{k}": v for k, v in tower.state_dict().items()}
+    state["text.positional_embedding"] = torch.randn(context_length, width) * 0.01
+    state["text.text_projection"] = torch.randn(width, embed_dim) * width**-0.5
+    return state
+
+
 def write_eva_clip(path: Path, seed: int = 10) -> Path:
-    """`EVA02_CLIP_L_336_psz14_s6B.pt`-shaped: `visual.*` of a tiny tower plus text-tower keys to ignore."""
+    """`EVA02_CLIP_L_336_psz14_s6B.pt`-shaped: a whole EVA-CLIP model in the released file's layout.
+
+    Like the real file: the vision tower (`visual.*`, with EVA-02's rotary tables saved under the
+    tower and again under every block, as the shared module is), an OpenCLIP text tower (`text.*`)
+    and `logit_scale`, so the production loader's filtering is what the tests exercise.
+    """
     from generation.pulid.eva_clip import EvaVisionTransformer
 
     torch.manual_seed(seed)
@@ -34,13 +72,12 @@ def write_eva_clip(path: Path, seed: int = 10) -> Path:
         if name in ("cls_token", "pos_embed") or name.endswith(("q_bias", "v_bias")):
             torch.nn.init.normal_(param, std=0.02)
     state = {f"visual.{k}": v.clone() for k, v in model.state_dict().items()}
-    # The full CLIP checkpoint also holds the text tower; the loader must ignore it.
-    state["text.positional_embedding"] = torch.zeros(4, 8)
-    state["text.token_embedding.weight"] = torch.zeros(16, 8)
-    state["logit_scale"] = torch.tensor(4.6)
-    # eva_clip checkpoints can carry the (derived) rotary tables; the loader drops them.
-    state["visual.rope.freqs_cos"] = model.rope.freqs_cos.clone()
-    state["visual.rope.freqs_sin"] = model.rope.freqs_sin.clone()
+    rope_names = ["visual.rope"] + [f"visual.blocks.{i}.attn.rope" for i in range(TINY_EVA["depth"])]
+    for name in rope_names:
+        state[f"{name}.freqs_cos"] = model.rope.freqs_cos.clone()
+        state[f"{name}.freqs_sin"] = model.rope.freqs_sin.clone()
+    state.update(clip_text_tower_state(**TINY_EVA_TEXT, embed_dim=TINY_EVA["embed_dim"]))
+    state["logit_scale"] = torch.tensor(4.6052)  # log(100), as trained CLIPs end up
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
     return path
