@@ -13,14 +13,18 @@ import pytest
 import torch
 
 from characters.faces import get_embedder
+from generation.instantid.attention import IPAttnProcessor
+from generation.instantid.keypoints import draw_keypoints, face_region_mask, place_box, place_keypoints
 from generation.instantid.weights import read_ip_adapter
 from generation.methods.base import GenerationFailed, GenerationRequest, InvalidWeights, LoadOptions, ReferenceFace
+from generation.methods.instantid_sdxl import InstantIdSdxlMethod, attention_region_masks
 from generation.methods.pulid_flux import DEMO_NEGATIVE_PROMPT, PulidFluxMethod, true_cfg_enabled
 from generation.model_registry import component_path
 from generation.pulid.eva_clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from generation.pulid.face import eva_input, limit_long_side
 from generation.pulid.weights import load_bisenet, load_eva_clip
-from generation.tiny.base_models import write_flux
+from generation.tiny.base_models import write_flux, write_sdxl
+from generation.tiny.instantid import write_instantid_components
 from generation.tiny.pulid import write_pulid_components
 from tests import photos
 
@@ -334,3 +338,144 @@ def test_bisenet_loads_strictly(pulid_models, tmp_path, change):
     with pytest.raises(InvalidWeights) as caught:
         load_bisenet(path)
     assert key in caught.value.message and str(path) in caught.value.message
+
+
+# =========================================================================== InstantID
+
+
+@pytest.fixture(scope="module")
+def instantid_models(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("instantid-models")
+    write_sdxl(component_path(directory, "sdxl"))
+    write_instantid_components(directory, embedder_dims=get_embedder().info.dims)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def instantid(instantid_models) -> InstantIdSdxlMethod:
+    return InstantIdSdxlMethod.load(instantid_models, LoadOptions())
+
+
+def instantid_run(method, references, **params) -> np.ndarray:
+    request = GenerationRequest(
+        references=references, prompt="a portrait photo", width=64, height=64, steps=2, seed=7, params=params
+    )
+    return np.asarray(method.generate(request)[0]).astype(int)
+
+
+@pytest.fixture
+def unet_calls(instantid):
+    """Every UNet call of a generation: its keyword arguments (tokens, ControlNet residuals)."""
+    calls = []
+    handle = instantid.pipeline.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True
+    )
+    yield calls
+    handle.remove()
+
+
+# --------------------------------------------------------------------------- keypoint image
+
+
+def stroke_sizes(width: int, height: int, **options) -> tuple[int, int]:
+    """(dot diameter, limb thickness) in pixels of draw_keypoints on a width x height canvas."""
+    cx, cy = width // 2, height // 2
+    keypoints = np.array([[cx - 200, cy], [cx + 150, cy - 150], [cx, cy], [cx - 150, cy + 150], [cx + 200, cy + 200]])
+    image = np.asarray(draw_keypoints(keypoints, width, height, **options))
+    dot = int((image[cy + 200] == (255, 0, 255)).all(axis=-1).sum())  # row through the right mouth corner
+    limb = int((image[:, cx - 100] == (153, 0, 0)).all(axis=-1).sum())  # across the horizontal left-eye limb
+    return dot, limb
+
+
+@pytest.mark.parametrize("size", [(768, 768), (960, 1280), (1024, 1024), (1280, 1280)])
+def test_keypoint_image_uses_draw_kps_fixed_sizes_at_any_canvas(size):
+    # draw_kps: limb ellipses of half-width 4 (9 px across), dots of radius 10 (21 px), limbs at 60 % colour.
+    assert stroke_sizes(*size) == (21, 9)
+
+
+def test_keypoint_image_scaled_with_the_canvas_is_an_option():
+    assert stroke_sizes(1280, 1280, scale_with_canvas=True) == (25, 11)
+    assert stroke_sizes(768, 768, scale_with_canvas=True) == (17, 7)
+
+
+def test_keypoint_drawing_param_picks_the_drawing(instantid, astronaut):
+    fixed = instantid_run(instantid, [astronaut])
+    np.testing.assert_array_equal(instantid_run(instantid, [astronaut], keypoint_drawing="fixed"), fixed)
+    assert not np.array_equal(instantid_run(instantid, [astronaut], keypoint_drawing="scaled"), fixed)
+    with pytest.raises(GenerationFailed, match="keypoint_drawing"):
+        instantid_run(instantid, [astronaut], keypoint_drawing="large")
+
+
+# --------------------------------------------------------------------------- negative prompt
+
+
+def test_instantid_encodes_the_empty_negative_prompt(instantid, astronaut, unet_calls):
+    pipe = instantid.pipeline
+    empty, _, _, _ = pipe.encode_prompt(prompt="", device="cpu", do_classifier_free_guidance=False)
+    instantid_run(instantid, [astronaut])
+    negative_text = unet_calls[0]["encoder_hidden_states"][:1, :-16]  # [negative, positive] x (text + 16 ID tokens)
+    torch.testing.assert_close(negative_text, empty)
+    assert negative_text.abs().sum() > 0
+
+    unet_calls.clear()
+    instantid_run(instantid, [astronaut], zero_empty_negative_prompt=True)  # our former behaviour, as an option
+    assert unet_calls[0]["encoder_hidden_states"][:1, :-16].abs().sum() == 0
+
+
+# --------------------------------------------------------------------------- several references
+
+
+def test_instantid_uses_the_largest_face_by_default(instantid, astronaut, tom_hanks):
+    # InstantID takes the largest face of one photo; the astronaut's face is larger than Tom Hanks'.
+    largest = instantid_run(instantid, [astronaut])
+    np.testing.assert_array_equal(instantid_run(instantid, [tom_hanks, astronaut]), largest)
+    np.testing.assert_array_equal(instantid_run(instantid, [tom_hanks, astronaut], id_mix="largest_face"), largest)
+    assert not np.array_equal(instantid_run(instantid, [tom_hanks, astronaut], id_mix="mean"), largest)
+    with pytest.raises(GenerationFailed, match="id_mix"):
+        instantid_run(instantid, [astronaut], id_mix="concat")
+
+
+# --------------------------------------------------------------------------- enhance non-face region
+
+
+def test_enhance_non_face_region_is_opt_in_and_validated(instantid, astronaut):
+    plain = instantid_run(instantid, [astronaut])
+    np.testing.assert_array_equal(instantid_run(instantid, [astronaut], enhance_non_face_region=False), plain)
+    assert not np.array_equal(instantid_run(instantid, [astronaut], enhance_non_face_region=True), plain)
+    for value in ("yes", 1, None):
+        with pytest.raises(GenerationFailed, match="enhance_non_face_region"):
+            instantid_run(instantid, [astronaut], enhance_non_face_region=value)
+
+
+def test_enhance_non_face_region_keeps_identitynet_inside_the_face_box(instantid, astronaut, unet_calls):
+    instantid_run(instantid, [astronaut], enhance_non_face_region=True)
+    face_box = place_box(astronaut.box, astronaut.keypoints, place_keypoints(astronaut.keypoints, (512, 512), 64, 64))
+    region = torch.from_numpy(face_region_mask(face_box, 64, 64))[None, None]
+    assert 0 < region.mean() < 1
+    call = unet_calls[0]
+    for residual in (*call["down_block_additional_residuals"], call["mid_block_additional_residual"]):
+        weight = torch.nn.functional.interpolate(region, size=residual.shape[-2:], mode="bilinear")
+        outside, inside = (weight == 0).expand_as(residual), (weight == 1).expand_as(residual)
+        assert outside.any() and bool((residual[outside] == 0).all())
+        assert residual[inside].abs().sum() > 0
+    # The ID attention masks are only set for the generation that asked for them.
+    processors = [p for p in instantid.pipeline.unet.attn_processors.values() if isinstance(p, IPAttnProcessor)]
+    assert processors and not any(p.region_masks for p in processors)
+
+
+def test_a_face_outside_the_frame_with_enhance_non_face_region_leaves_plain_sdxl(instantid, astronaut):
+    # The mask is zero everywhere: neither IdentityNet nor the ID attention may change any pixel.
+    off_frame = (astronaut.keypoints - 1000).tolist()
+    plain = instantid_run(instantid, [astronaut], ip_adapter_scale=0.0, controlnet_conditioning_scale=0.0)
+    masked = instantid_run(instantid, [astronaut], pose_keypoints=off_frame, enhance_non_face_region=True)
+    np.testing.assert_array_equal(masked, plain)
+
+
+def test_attention_region_masks_cover_every_unet_resolution(instantid):
+    region = torch.zeros(1, 1, 40, 24)
+    region[..., 8:24, 4:16] = 1
+    masks = attention_region_masks(region, (10, 6), instantid.pipeline.unet)
+    levels = len(instantid.pipeline.unet.config.block_out_channels)
+    expected_grids = [(10, 6), (5, 3), (3, 2), (2, 1)][:levels]
+    assert sorted(masks, reverse=True) == [h * w for h, w in expected_grids]
+    assert masks[60].shape == (1, 60, 1) and set(masks[60].unique().tolist()) == {0.0, 1.0}

@@ -31,6 +31,8 @@ class IPAttnProcessor(nn.Module):
         super().__init__()
         self.num_tokens = num_tokens
         self.scale = scale
+        #: {image tokens of a UNet level: (1, tokens, 1) mask}; empty = the ID attends everywhere
+        self.region_masks: dict[int, torch.Tensor] = {}
         self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
 
@@ -89,6 +91,9 @@ class IPAttnProcessor(nn.Module):
             # No mask: every image token may attend to every ID token.
             id_hidden = F.scaled_dot_product_attention(query, id_key, id_value)
             id_hidden = id_hidden.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+            if self.region_masks:
+                # InstantID's region control ("enhance non-face region"): the ID only acts inside the face box.
+                id_hidden = id_hidden * self.region_masks[id_hidden.shape[1]].to(id_hidden)
             hidden_states = hidden_states + self.scale * id_hidden.to(query.dtype)
 
         hidden_states = attn.to_out[0](hidden_states)
@@ -149,3 +154,13 @@ def set_ip_scale(unet, scale: float) -> None:
     for processor in unet.attn_processors.values():
         if isinstance(processor, IPAttnProcessor):
             processor.scale = float(scale)
+
+
+def set_region_masks(unet, masks: dict[int, torch.Tensor] | None) -> None:
+    """Restrict the ID branch of every decoupled cross-attention to a region (None: everywhere).
+
+    `masks` maps the number of image tokens at each UNet resolution to a (1, tokens, 1) weight.
+    """
+    for processor in unet.attn_processors.values():
+        if isinstance(processor, IPAttnProcessor):
+            processor.region_masks = dict(masks or {})

@@ -1,10 +1,11 @@
 """IdentityNet's control image: the 5 face keypoints drawn on black, and where they go in the output frame.
 
-The drawing is the one IdentityNet was trained on: the two eyes and the two mouth corners are each
-joined to the nose by a filled ellipse ("limb") in the colour of the outer point at 60 % brightness,
-then every keypoint is a filled circle in its own colour. The training drawings were made on images
-of about 1024 px with 4 px limbs and 10 px circles; we scale those sizes with the canvas so the
-drawing covers the same fraction of the face at any output size.
+The drawing is InstantID's `draw_kps`, the one IdentityNet was trained on: the two eyes and the two
+mouth corners are each joined to the nose by a filled ellipse ("limb") in the colour of the outer
+point at 60 % brightness, then every keypoint is a filled circle in its own colour. `draw_kps` uses
+a 4-px limb half-width and a 10-px radius whatever the canvas size, and so do we by default; our
+earlier drawing, which scales both with the canvas (relative to 1024 px), stays available as
+`scale_with_canvas=True` (request param `keypoint_drawing: "scaled"`).
 """
 
 from __future__ import annotations
@@ -18,18 +19,23 @@ from PIL import Image
 #: colours of left eye, right eye, nose, left mouth corner, right mouth corner (insightface order), RGB
 KEYPOINT_COLORS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255))
 NOSE = 2
-#: pixel sizes on a 1024 px canvas
+#: draw_kps's fixed pixel sizes (`stickwidth = 4`, circle radius 10)
 LIMB_HALF_WIDTH = 4
 CIRCLE_RADIUS = 10
 LIMB_BRIGHTNESS = 0.6
 
 
-def draw_keypoints(keypoints: np.ndarray, width: int, height: int) -> Image.Image:
-    """RGB control image of size width × height with the (5, 2) keypoints (pixel x, y) drawn on black."""
+def draw_keypoints(keypoints: np.ndarray, width: int, height: int, *, scale_with_canvas: bool = False) -> Image.Image:
+    """RGB control image of size width × height with the (5, 2) keypoints (pixel x, y) drawn on black.
+
+    Sizes are draw_kps's fixed ones; `scale_with_canvas` scales them by sqrt(width * height) / 1024.
+    """
     keypoints = np.asarray(keypoints, dtype=np.float64).reshape(5, 2)
-    size = math.sqrt(width * height) / 1024
-    limb_half_width = max(1, round(LIMB_HALF_WIDTH * size))
-    radius = max(1, round(CIRCLE_RADIUS * size))
+    limb_half_width, radius = LIMB_HALF_WIDTH, CIRCLE_RADIUS
+    if scale_with_canvas:
+        size = math.sqrt(width * height) / 1024
+        limb_half_width = max(1, round(LIMB_HALF_WIDTH * size))
+        radius = max(1, round(CIRCLE_RADIUS * size))
 
     limbs = np.zeros((height, width, 3), np.uint8)
     for outer in (0, 1, 3, 4):
@@ -71,3 +77,32 @@ def place_keypoints(
             start = high - frame
         offset[axis] = min(max(start, 0.0), extent - frame)
     return scaled - offset
+
+
+def place_box(
+    box: tuple[float, float, float, float], from_keypoints: np.ndarray, to_keypoints: np.ndarray
+) -> tuple[float, float, float, float]:
+    """The face box moved the way its keypoints moved (similarity fit), as the bounds (x1, y1, x2, y2)."""
+    matrix, _ = cv2.estimateAffinePartial2D(
+        np.asarray(from_keypoints, dtype=np.float32).reshape(5, 2),
+        np.asarray(to_keypoints, dtype=np.float32).reshape(5, 2),
+        method=cv2.LMEDS,
+    )
+    if matrix is None:
+        raise ValueError("cannot relate these keypoints by a similarity transform")
+    x1, y1, x2, y2 = box
+    corners = np.array([[x1, y1], [x2, y1], [x1, y2], [x2, y2]], dtype=np.float64) @ matrix[:, :2].T + matrix[:, 2]
+    (left, top), (right, bottom) = corners.min(axis=0), corners.max(axis=0)
+    return float(left), float(top), float(right), float(bottom)
+
+
+def face_region_mask(box: tuple[float, float, float, float], width: int, height: int) -> np.ndarray:
+    """(height, width) float32 mask, 1 inside the face box and 0 elsewhere.
+
+    As InstantID's demo builds its `control_mask`: the box corners truncated to int pixels
+    (clipped to the frame here, where the demo would wrap a negative index).
+    """
+    x1, y1, x2, y2 = (int(v) for v in box)
+    mask = np.zeros((height, width), dtype=np.float32)
+    mask[max(y1, 0) : max(y2, 0), max(x1, 0) : max(x2, 0)] = 1.0
+    return mask

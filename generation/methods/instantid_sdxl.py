@@ -13,14 +13,30 @@ The denoising loop is written out here (rather than calling `StableDiffusionXLCo
 the ControlNet and the UNet get different token sequences; every other step reuses the SDXL ControlNet
 pipeline's own helpers, so with both scales at 0 the result is plain SDXL.
 
-Request params:
+Request params (defaults are InstantID's demo, `gradio_demo/app.py`, and `infer.py`):
     ip_adapter_scale (float, 0.8), controlnet_conditioning_scale (float, 0.8),
     pose_keypoints (5 [x, y] pairs in output pixels; default: the reference's keypoints, see below),
-    id_embedding_norm (float; default sqrt(embedding dims), see `id_embedding`).
+    id_embedding_norm (float; default sqrt(embedding dims), see `id_embedding`),
+    id_mix ("largest_face" | "mean", default "largest_face"): which identity several references give,
+        see below.
+    enhance_non_face_region (bool, false): the demo's "Enhance non-face region": IdentityNet's
+        residuals and the ID attention are weighted by the face box (1 inside, 0 outside, resized to
+        each UNet resolution as the demo does), so the rest of the frame follows the prompt alone.
+        The demo ticks it by default; the reference pipeline (`infer.py`) has no such mask, so it
+        is opt-in here.
+    keypoint_drawing ("fixed" | "scaled", default "fixed"): draw_kps's fixed 4-px limbs and 10-px
+        dots, or sizes scaled with the canvas (our former drawing).
+    zero_empty_negative_prompt (bool, false): without a negative prompt InstantID encodes the empty
+        string "" for the unconditional branch (its pipelines always pass a negative prompt, so
+        SDXL's zeroing of an absent one never happens); true gives zero embeddings instead (our
+        former behaviour, SDXL base's `force_zeros_for_empty_prompt`).
 
-Several references: their unit embeddings are averaged and renormalised (one identity, less noise
-than any single photo); the keypoints come from the reference with the largest face (the most
-precise keypoints), the first one on a tie, placed into the output frame by `place_keypoints`.
+Several references. InstantID takes one photo and uses its largest face, so by default
+(`id_mix: "largest_face"`) we use the reference with the largest face (the first one on a tie) for
+both the embedding and the keypoints. `id_mix: "mean"` is our extension: the unit embeddings of
+all references are averaged and renormalised (one identity, less noise than any single photo);
+the keypoints still come from the largest face (the most precise keypoints). Either way they are
+placed into the output frame by `place_keypoints`.
 """
 
 from __future__ import annotations
@@ -30,10 +46,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from generation.instantid.attention import set_ip_scale
-from generation.instantid.keypoints import draw_keypoints, place_keypoints
+from generation.instantid.attention import set_ip_scale, set_region_masks
+from generation.instantid.keypoints import draw_keypoints, face_region_mask, place_box, place_keypoints
 from generation.instantid.weights import load_ip_adapter
 from generation.methods.base import (
     GenerationFailed,
@@ -49,6 +66,24 @@ from generation.model_registry import component_path, require
 
 DEFAULT_IP_ADAPTER_SCALE = 0.8
 DEFAULT_CONTROLNET_SCALE = 0.8
+ID_MIX_MODES = ("largest_face", "mean")
+KEYPOINT_DRAWINGS = ("fixed", "scaled")
+
+
+def bool_param(params: dict, name: str, default: bool) -> bool:
+    """`params[name]` as a JSON boolean, or a GenerationFailed naming it."""
+    value = params.get(name, default)
+    if not isinstance(value, bool):
+        raise GenerationFailed(f"{name} must be true or false.", field="params", details={"param": name})
+    return value
+
+
+def choice_param(params: dict, name: str, choices: tuple[str, ...]) -> str:
+    """`params[name]`, one of `choices` (the first is the default), or a GenerationFailed naming it."""
+    value = params.get(name, choices[0])
+    if value not in choices:
+        raise GenerationFailed(f"{name} must be one of {', '.join(choices)}.", field="params", details={"param": name})
+    return value
 
 
 def active_embedder() -> tuple[str, int | None]:
@@ -170,20 +205,44 @@ class InstantIdSdxlMethod(GenerationMethod):
         gen_width, gen_height = -(-width // multiple) * multiple, -(-height // multiple) * multiple
         crop_left, crop_top = (gen_width - width) // 2, (gen_height - height) // 2
 
-        embedding = id_embedding(request.references, self.resampler.embedding_dim, params.get("id_embedding_norm"))
+        id_mix = choice_param(params, "id_mix", ID_MIX_MODES)
+        enhance_non_face_region = bool_param(params, "enhance_non_face_region", False)
+        scaled_drawing = choice_param(params, "keypoint_drawing", KEYPOINT_DRAWINGS) == "scaled"
+        zero_negative = bool_param(params, "zero_empty_negative_prompt", False)
+
+        reference = keypoint_reference(request.references)
+        identity_references = [reference] if id_mix == "largest_face" else request.references
+        embedding = id_embedding(identity_references, self.resampler.embedding_dim, params.get("id_embedding_norm"))
         if params.get("pose_keypoints") is not None:
             keypoints = np.asarray(params["pose_keypoints"], dtype=np.float64)
             if keypoints.shape != (5, 2):
                 raise GenerationFailed("pose_keypoints must be 5 [x, y] pairs.", field="params")
             keypoints = keypoints + (crop_left, crop_top)
         else:
-            reference = keypoint_reference(request.references)
             source_size = (reference.image.shape[1], reference.image.shape[0])
             keypoints = place_keypoints(reference.keypoints, source_size, gen_width, gen_height)
-        control_image = draw_keypoints(keypoints, gen_width, gen_height)
+        control_image = draw_keypoints(keypoints, gen_width, gen_height, scale_with_canvas=scaled_drawing)
+        face_mask = None
+        if enhance_non_face_region:
+            # The demo masks with the face box of the photo the keypoints come from; ours moves with them.
+            face_box = place_box(reference.box, reference.keypoints, keypoints)
+            face_mask = face_region_mask(face_box, gen_width, gen_height)
+        # InstantID always encodes a negative prompt, "" when there is none (see the module docstring).
+        negative_prompt = request.negative_prompt or (None if zero_negative else "")
 
         images = self._denoise(
-            request, embedding, control_image, gen_width, gen_height, steps, guidance, ip_scale, control_scale, on_step
+            request,
+            embedding,
+            control_image,
+            gen_width,
+            gen_height,
+            steps,
+            guidance,
+            ip_scale,
+            control_scale,
+            on_step,
+            negative_prompt=negative_prompt,
+            face_mask=face_mask,
         )
         if (gen_width, gen_height) != (width, height):
             images = [im.crop((crop_left, crop_top, crop_left + width, crop_top + height)) for im in images]
@@ -201,6 +260,9 @@ class InstantIdSdxlMethod(GenerationMethod):
         ip_scale: float,
         control_scale: float,
         on_step: StepCallback | None,
+        *,
+        negative_prompt: str | None,
+        face_mask: np.ndarray | None,
     ) -> list[Image.Image]:
         pipe = self.pipeline
         device = pipe._execution_device
@@ -213,8 +275,7 @@ class InstantIdSdxlMethod(GenerationMethod):
             device=device,
             num_images_per_prompt=count,
             do_classifier_free_guidance=cfg,
-            # None, not "": SDXL then uses zero embeddings for the negative branch, as it was trained.
-            negative_prompt=request.negative_prompt or None,
+            negative_prompt=negative_prompt,  # None: zero embeddings (SDXL's force_zeros_for_empty_prompt)
         )
         id_tokens = self._id_tokens(embedding, device, count, cfg)
         control = pipe.prepare_image(
@@ -251,36 +312,47 @@ class InstantIdSdxlMethod(GenerationMethod):
         # The UNet sees text then ID tokens (its IP processors split them); IdentityNet sees the ID tokens only.
         unet_tokens = torch.cat([prompt_embeds.to(device), id_tokens], dim=1)
 
+        region = None
+        if face_mask is not None:
+            region = torch.from_numpy(face_mask)[None, None].to(device, pipe.controlnet.dtype)
+            set_region_masks(pipe.unet, attention_region_masks(region, latents.shape[-2:], pipe.unet))
         set_ip_scale(pipe.unet, ip_scale)
-        for index, t in enumerate(timesteps):
-            model_input = torch.cat([latents] * 2) if cfg else latents
-            model_input = pipe.scheduler.scale_model_input(model_input, t)
-            down_residuals = mid_residual = None
-            if control_scale != 0:  # at 0 the residuals would be zeros: skip the ControlNet's forward
-                down_residuals, mid_residual = pipe.controlnet(
+        try:
+            for index, t in enumerate(timesteps):
+                model_input = torch.cat([latents] * 2) if cfg else latents
+                model_input = pipe.scheduler.scale_model_input(model_input, t)
+                down_residuals = mid_residual = None
+                if control_scale != 0:  # at 0 the residuals would be zeros: skip the ControlNet's forward
+                    down_residuals, mid_residual = pipe.controlnet(
+                        model_input,
+                        t,
+                        encoder_hidden_states=id_tokens,
+                        controlnet_cond=control,
+                        conditioning_scale=control_scale,
+                        added_cond_kwargs=added_cond,
+                        return_dict=False,
+                    )
+                    if region is not None:
+                        # The demo's region control: IdentityNet steers the face box only.
+                        down_residuals = [r * resized_region(region, r) for r in down_residuals]
+                        mid_residual = mid_residual * resized_region(region, mid_residual)
+                noise = pipe.unet(
                     model_input,
                     t,
-                    encoder_hidden_states=id_tokens,
-                    controlnet_cond=control,
-                    conditioning_scale=control_scale,
+                    encoder_hidden_states=unet_tokens,
                     added_cond_kwargs=added_cond,
+                    down_block_additional_residuals=down_residuals,
+                    mid_block_additional_residual=mid_residual,
                     return_dict=False,
-                )
-            noise = pipe.unet(
-                model_input,
-                t,
-                encoder_hidden_states=unet_tokens,
-                added_cond_kwargs=added_cond,
-                down_block_additional_residuals=down_residuals,
-                mid_block_additional_residual=mid_residual,
-                return_dict=False,
-            )[0]
-            if cfg:
-                uncond, cond = noise.chunk(2)
-                noise = uncond + guidance * (cond - uncond)
-            latents = pipe.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
-            if on_step is not None:
-                on_step(index + 1, len(timesteps))
+                )[0]
+                if cfg:
+                    uncond, cond = noise.chunk(2)
+                    noise = uncond + guidance * (cond - uncond)
+                latents = pipe.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+                if on_step is not None:
+                    on_step(index + 1, len(timesteps))
+        finally:
+            set_region_masks(pipe.unet, None)
 
         images = self._decode(latents)
         pipe.maybe_free_model_hooks()
@@ -315,6 +387,25 @@ class InstantIdSdxlMethod(GenerationMethod):
         if upcast:
             vae.to(torch.float16)
         return pipe.image_processor.postprocess(decoded, output_type="pil")
+
+
+def resized_region(region: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """The (1, 1, H, W) face-box mask resized (bilinear, as the demo) to a ControlNet residual's resolution."""
+    return F.interpolate(region, size=residual.shape[-2:], mode="bilinear").to(residual.dtype)
+
+
+def attention_region_masks(region: torch.Tensor, latent_size, unet) -> dict[int, torch.Tensor]:
+    """The face-box mask at every UNet resolution, keyed by its number of image tokens.
+
+    As InstantID's attention processor does: nearest-neighbour resize of the pixel mask to the token
+    grid. Each down block halves the grid (rounding up, like its stride-2 convolution).
+    """
+    height, width = (int(v) for v in latent_size)
+    masks = {}
+    for _ in unet.config.block_out_channels:
+        masks[height * width] = F.interpolate(region, size=(height, width), mode="nearest").reshape(1, -1, 1)
+        height, width = -(-height // 2), -(-width // 2)
+    return masks
 
 
 def _compile_transformer_blocks(*models) -> None:
