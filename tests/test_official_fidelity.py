@@ -17,7 +17,7 @@ from generation.instantid.attention import IPAttnProcessor
 from generation.instantid.keypoints import draw_keypoints, face_region_mask, place_box, place_keypoints
 from generation.instantid.weights import read_ip_adapter
 from generation.methods.base import GenerationFailed, GenerationRequest, InvalidWeights, LoadOptions, ReferenceFace
-from generation.methods.instantid_sdxl import InstantIdSdxlMethod, attention_region_masks
+from generation.methods.instantid_sdxl import InstantIdSdxlMethod, attention_region_masks, keypoint_reference
 from generation.methods.pulid_flux import DEMO_NEGATIVE_PROMPT, PulidFluxMethod, true_cfg_enabled
 from generation.model_registry import component_path
 from generation.pulid.eva_clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -433,6 +433,17 @@ def test_instantid_uses_the_largest_face_by_default(instantid, astronaut, tom_ha
     assert not np.array_equal(instantid_run(instantid, [tom_hanks, astronaut], id_mix="mean"), largest)
     with pytest.raises(GenerationFailed, match="id_mix"):
         instantid_run(instantid, [astronaut], id_mix="concat")
+
+
+def test_the_largest_face_is_the_largest_box_area():
+    def face(box):
+        return ReferenceFace(np.zeros((8, 8, 3), np.uint8), box, np.zeros((5, 2)), np.ones(4), "dlib")
+
+    tall = face((0, 0, 100, 300))  # area 30000, shorter side 100
+    square = face((0, 0, 150, 150))  # area 22500, shorter side 150
+    assert keypoint_reference([square, tall]) is tall
+    twin = face((10, 10, 110, 310))
+    assert keypoint_reference([tall, twin]) is tall  # the first on a tie
 
 
 # --------------------------------------------------------------------------- enhance non-face region

@@ -122,15 +122,18 @@ def id_embedding(references: list[ReferenceFace], dims: int, norm: float | None 
 
 
 def keypoint_reference(references: list[ReferenceFace]) -> ReferenceFace:
-    """The reference whose keypoints set the pose: the largest face, the first one on a tie."""
+    """The reference with the largest face (box area, as InstantID picks a photo's face), the first on a tie.
 
-    def side(ref: ReferenceFace) -> float:
+    Its keypoints set the pose, and by default (`id_mix: "largest_face"`) its embedding the identity.
+    """
+
+    def area(ref: ReferenceFace) -> float:
         x1, y1, x2, y2 = ref.box
-        return min(x2 - x1, y2 - y1)
+        return (x2 - x1) * (y2 - y1)
 
     best = 0
     for index, ref in enumerate(references):
-        if side(ref) > side(references[best]):
+        if area(ref) > area(references[best]):
             best = index
     return references[best]
 
