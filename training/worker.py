@@ -162,8 +162,7 @@ def _train_and_store(job: TrainingJob, me: str, progress: ProgressCallback | Non
                        on_checkpoint=recorder.on_checkpoint)  # fmt: skip
         with tempfile.TemporaryDirectory(prefix=f"alkemy-training-{job.pk}-") as scratch:
             saving = time.monotonic()
-            path = save_lora_file(Path(scratch) / "lora.safetensors", config, result.state_dict,
-                                  _target_modules(job.base_model))  # fmt: skip
+            path = save_lora_file(Path(scratch) / "lora.safetensors", config, result)
             data = path.read_bytes()
             result.timings["save"] = round(time.monotonic() - saving, 3)
             validation = None
@@ -191,12 +190,6 @@ def _train_and_store(job: TrainingJob, me: str, progress: ProgressCallback | Non
         return _finish(job, me, JobStatus.FAILED, "internal_error", f"{type(exc).__name__}: {exc}", elapsed(),
                        recorder)  # fmt: skip
     return _store_result(job, me, result, data, validation, device_seconds)
-
-
-def _target_modules(base_model: str) -> tuple[str, ...]:
-    from training.trainer.loop import trainer_for
-
-    return trainer_for(TrainingConfig(base_model=base_model, models_dir=settings.ALKEMY_MODELS_DIR)).target_modules
 
 
 def _validation_render(job: TrainingJob, lora_path: Path, sha256: str):

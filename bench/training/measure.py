@@ -54,7 +54,6 @@ def run(*, base_model: str, models_dir: Path, components: dict, variant: Variant
     """Train `warmup + steps` steps with our trainer; time each step at its boundary (device synchronised)."""
     from training.trainer import save_lora_file
     from training.trainer.loop import TrainingConfig, train
-    from training.worker import _target_modules
 
     config = TrainingConfig(
         base_model=base_model, models_dir=models_dir, steps=warmup + steps, rank=rank, learning_rate=1e-4,
@@ -77,8 +76,7 @@ def run(*, base_model: str, models_dir: Path, components: dict, variant: Variant
     wall = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as scratch:
         saving = time.perf_counter()
-        path = save_lora_file(Path(scratch) / "lora.safetensors", config, result.state_dict,
-                              _target_modules(base_model))  # fmt: skip
+        path = save_lora_file(Path(scratch) / "lora.safetensors", config, result)
         save_seconds = time.perf_counter() - saving
         lora_mb = path.stat().st_size / 2**20
 

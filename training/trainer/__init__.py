@@ -9,7 +9,7 @@ steps, loss read back only every few steps so the device never waits for the hos
 
     config = TrainingConfig(base_model="sdxl", models_dir=..., steps=1000, rank=16, ...)
     result = train(config, examples, on_step=..., checkpoint=..., on_checkpoint=...)
-    save_lora_file(path, config, result.state_dict)
+    save_lora_file(path, config, result)
 """
 
 from training.trainer.data import Example, face_crop, reference_examples

@@ -66,6 +66,7 @@ class TrainingConfig:
 @dataclass
 class TrainingResult:
     state_dict: dict[str, torch.Tensor]  # the LoRA in peft naming (no component prefix), fp32 on the CPU
+    target_modules: tuple[str, ...]  # what the LoRA was put on (saved in the file's adapter metadata)
     steps: int
     final_loss: float | None
     loss_history: list[list[float]]
@@ -145,8 +146,8 @@ def lora_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach().float().cpu().clone() for key, value in get_peft_model_state_dict(denoiser).items()}
 
 
-def save_lora_file(path: Path, config: TrainingConfig, state_dict: dict[str, torch.Tensor], target_modules) -> Path:
-    """The LoRA as diffusers saves it (`<denoiser>.…lora_A.weight`), which `load_lora_weights` reads."""
+def save_lora_file(path: Path, config: TrainingConfig, result: TrainingResult) -> Path:
+    """The trained LoRA as diffusers saves it (`<denoiser>.…lora_A.weight`), which `load_lora_weights` reads."""
     from generation.lora.bases import base_spec, pipeline_class
 
     spec = base_spec(config.base_model)
@@ -156,8 +157,8 @@ def save_lora_file(path: Path, config: TrainingConfig, state_dict: dict[str, tor
         path.parent,
         weight_name=path.name,
         **{
-            f"{spec.denoiser}_lora_layers": state_dict,
-            f"{spec.denoiser}_lora_adapter_metadata": lora_config(config, target_modules).to_dict(),
+            f"{spec.denoiser}_lora_layers": result.state_dict,
+            f"{spec.denoiser}_lora_adapter_metadata": lora_config(config, result.target_modules).to_dict(),
         },
     )
     return path
@@ -231,6 +232,7 @@ def optimize(
     train_seconds = clock.lap()
     return TrainingResult(
         state_dict=lora_state_dict(denoiser),
+        target_modules=tuple(trainer.target_modules),
         steps=config.steps,
         final_loss=history[-1][1] if history else None,
         loss_history=history,
