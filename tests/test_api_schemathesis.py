@@ -20,11 +20,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance  # noqa: 
 
 pytestmark = pytest.mark.django_db
 
-schema = schemathesis.openapi.from_wsgi("/api/v1/schema?format=json", get_wsgi_application()).exclude(
-    # Known: GET /usage takes an empty ?from= / ?to= as "not given" while the schema says `date`.
-    # Remove once usage/api.py refuses it (or documents it) - this is the only exclusion.
-    path_regex=r"^/api/v1/usage$",
-)
+schema = schemathesis.openapi.from_wsgi("/api/v1/schema?format=json", get_wsgi_application())
 
 
 @pytest.fixture

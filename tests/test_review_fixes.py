@@ -114,7 +114,10 @@ def staff(studio_a):
 def test_viewer_never_sees_a_webhook_secret_in_admin(client, studio_a, staff, settings):
     settings.ALKEMY_WEBHOOK_ALLOW_PRIVATE = True
     endpoint = endpoint_create(tenant=studio_a.tenant, url="http://10.0.0.1/hook")
-    client.force_login(staff("viewer"))
+    client.force_login(staff("viewer"))  # viewers may not even open it: the URL is a bearer secret too
+    page = client.get(f"/admin/webhooks/webhookendpoint/{endpoint.pk}/change/")
+    assert page.status_code in (302, 403) and endpoint.secret not in page.content.decode()
+    client.force_login(staff("admin"))
     page = client.get(f"/admin/webhooks/webhookendpoint/{endpoint.pk}/change/")
     assert page.status_code == 200 and endpoint.secret not in page.content.decode()
 

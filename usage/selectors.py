@@ -116,7 +116,8 @@ def budget_status(*, tenant_id: int) -> dict:
 
 
 def parse_day(text: str | None, default: date) -> date:
-    return date.fromisoformat(text) if text else default
+    """A YYYY-MM-DD day; `default` only when the parameter is absent (an empty value is an error)."""
+    return default if text is None else date.fromisoformat(text)
 
 
 def day_bounds(first: date, last: date) -> tuple[datetime, datetime]:
