@@ -34,7 +34,16 @@ from alkemy.errors import AlkemyError
 from alkemy.jobs import JobStatus, job_claim, job_finish, worker_id
 from alkemy.tenancy.scoping import tenant_scope
 from characters.models import Character
-from generation.worker import JobCanceled, JobLost, JobTimedOut, LeaseKeeper, StepGuard, _device_name, pipeline_cache
+from generation.worker import (
+    JobCanceled,
+    JobLost,
+    JobTimedOut,
+    LeaseKeeper,
+    PipelineCache,
+    StepGuard,
+    _device_name,
+    pipeline_cache,
+)
 from training.jobs import notify
 from training.models import LoraArtifact, TrainingJob, lora_upload_to
 from training.trainer import TrainingConfig, load_checkpoint, reference_examples, save_lora_file, train
@@ -189,6 +198,8 @@ def _train_and_store(job: TrainingJob, me: str, progress: ProgressCallback | Non
         logger.exception("training %s failed", job.pk)
         return _finish(job, me, JobStatus.FAILED, "internal_error", f"{type(exc).__name__}: {exc}", elapsed(),
                        recorder)  # fmt: skip
+    finally:
+        PipelineCache.free()  # the trainer's denoiser and optimizer state go back to the card's pool
     return _store_result(job, me, result, data, validation, device_seconds)
 
 
