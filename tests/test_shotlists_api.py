@@ -9,6 +9,7 @@ from generation.models import GenerationJob
 from generation.tasks import run_generation_job
 from shotlists import services
 from shotlists.models import Shot, ShotJob, ShotList
+from shotlists.tasks import measure_finished_outputs
 from tests import photos
 from usage.services import budget_set
 
@@ -154,6 +155,8 @@ def test_cancel_stops_what_has_not_finished_and_the_report_shows_it(api_a, eilee
                                                       "canceled": 2}  # fmt: skip
     assert canceled["progress"]["status"] == "partial"
 
+    assert measure_finished_outputs() == 1  # the schedule embeds the new output; the report reads the cache
+    assert measure_finished_outputs() == 0
     report = api_a.get(f"/api/v1/shotlists/{answer['id']}/report").json()
     (row,) = report["rows"]
     assert row["outputs"] == 1 and [e["shot"] for e in row["errors"]] == [1, 2]
