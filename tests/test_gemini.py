@@ -233,7 +233,10 @@ def test_generates_images_of_the_requested_size_and_records_usage(gemini, refere
     assert all(image.mode == "RGB" for image in images)
     assert steps == [(1, 2), (2, 2)]
     # one request per image; usage is the sum of both replies' usageMetadata
-    assert request.usage == {"input_tokens": 2200, "output_tokens": 2580, "images": 2, "requests": 2, "model": MODEL}
+    assert request.usage == {
+        "input_tokens": 2200, "output_tokens": 2580, "images": 2, "requests": 2, "model": MODEL,
+        "key_source": "operator",
+    }
     assert len(gemini.requests) == 2
 
     sent = gemini.requests[0]
@@ -351,7 +354,10 @@ def test_429_is_retried_after_the_servers_retry_delay(gemini, references):
     assert image.size == (768, 1024)
     assert len(gemini.requests) == 2
     assert gemini.requests[1]["at"] - gemini.requests[0]["at"] >= 0.3  # backoff alone would be ~0.01 s
-    assert request.usage == {"input_tokens": 1100, "output_tokens": 1290, "images": 1, "requests": 1, "model": MODEL}
+    assert request.usage == {
+        "input_tokens": 1100, "output_tokens": 1290, "images": 1, "requests": 1, "model": MODEL,
+        "key_source": "operator",
+    }
 
 
 def test_retry_after_header_is_honoured(gemini, references):
@@ -456,7 +462,10 @@ def test_image_safety_finish_reason_is_content_blocked_and_not_retried(gemini, r
     assert error.details["categories"] == ["HARM_CATEGORY_SEXUALLY_EXPLICIT"]
     assert len(gemini.requests) == 1
     # the blocked call is billed for its input
-    assert request.usage == {"input_tokens": 1100, "output_tokens": 0, "images": 0, "requests": 1, "model": MODEL}
+    assert request.usage == {
+        "input_tokens": 1100, "output_tokens": 0, "images": 0, "requests": 1, "model": MODEL,
+        "key_source": "operator",
+    }
 
 
 def test_prompt_block_reason_is_content_blocked_and_not_retried(gemini, references):

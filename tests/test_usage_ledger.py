@@ -203,6 +203,20 @@ def test_a_gemini_job_bills_its_tokens_not_the_waiting(gemini, studio_a, eileen)
     assert all(event.billable for event in events.values())
 
 
+def test_tokens_on_the_studios_own_gemini_key_are_recorded_not_billed(gemini, studio_a, eileen):  # noqa: F811
+    from alkemy.tenancy.services import tenant_set_gemini_key
+
+    tenant_set_gemini_key(tenant=studio_a.tenant, api_key="AIzaSyTENANT-0123456789abcdefghijklmn")
+    gemini.reply(image_reply())
+    job = gemini_job(studio_a.tenant, eileen)
+    assert run_generation_job(job.pk) == JobStatus.SUCCEEDED
+    events = events_of(job)
+    assert GenerationJob.objects.unscoped().get(pk=job.pk).usage["key_source"] == "tenant"
+    for meter in ("gemini_input_tokens", "gemini_output_tokens"):
+        assert (events[meter].billable, events[meter].reason) == (False, "tenant_key")
+    assert events["images_generated"].billable  # our side of the work is still the studio's
+
+
 def test_a_blocked_gemini_reply_is_billable_because_google_billed_it(gemini, studio_a, eileen):  # noqa: F811
     gemini.reply(
         Reply(body={"candidates": [{"content": {"parts": []}, "finishReason": "IMAGE_SAFETY"}],

@@ -31,7 +31,9 @@ Billing policy (`billing_policy`):
   worker died) its time is measured from the start of the last attempt to its last heartbeat. An
   attempt the reaper re-queues is not recorded: its worker died without reporting, and nothing of it
   is billed.
-- Remote-API methods (Gemini) bill their tokens, not the CPU worker's waiting time.
+- Remote-API methods (Gemini) bill their tokens, not the CPU worker's waiting time. Tokens spent on
+  the studio's own Gemini key (`usage.key_source == "tenant"`) are recorded but not billable, with
+  reason `tenant_key`: Google bills the studio directly.
 """
 
 from __future__ import annotations
@@ -274,18 +276,22 @@ def usage_record_job(*, job) -> list[UsageEvent]:
     occurred_at = row.finished_at or timezone.now()
     rates = Rates.of(price_book_for(tenant_id=row.tenant_id, at=occurred_at))
     events = []
+    own_key = (row.usage or {}).get("key_source") == "tenant"
     for line in _lines(spec, row, rates, job_status):
         price, priced = rates.unit_price(line.meter, line.gpu_class)
         details = {"device": row.device} if line.gpu_class else {}
         if not priced:
             details["unpriced"] = True
+        line_billable, line_reason = billable, reason
+        if own_key and line.meter in (Meter.GEMINI_INPUT_TOKENS, Meter.GEMINI_OUTPUT_TOKENS):
+            line_billable, line_reason = False, "tenant_key"
         events.append(
             UsageEvent(
                 tenant_id=row.tenant_id, job_kind=spec.kind, job_id=row.pk, attempt=row.attempt,
                 method=spec.method(row), character_id=row.character_id, character_name=row.character.name[:200],
                 meter=line.meter, gpu_class=line.gpu_class, quantity=line.quantity, unit_price=price,
-                cost=cost(line.quantity, price), price_book=rates.book, billable=billable, job_status=job_status,
-                reason=reason, occurred_at=occurred_at, details=details,
+                cost=cost(line.quantity, price), price_book=rates.book, billable=line_billable,
+                job_status=job_status, reason=line_reason, occurred_at=occurred_at, details=details,
                 idempotency_key=f"{spec.kind}:{row.pk}:{row.attempt}:{line.meter}",
             )
         )  # fmt: skip

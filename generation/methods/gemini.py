@@ -70,6 +70,9 @@ class GeminiMethod(GenerationMethod):
         for key in ("input_tokens", "output_tokens", "images", "requests"):
             usage.setdefault(key, 0)
         usage["model"] = config.model  # what was billed: prices differ per model
+        # Google bills the owner of the key: a studio on its own key pays Google itself (accounting
+        # records those tokens but does not bill them again)
+        usage["key_source"] = "tenant" if request.credentials.get("gemini_api_key") else "operator"
         aspect_ratio = nearest_aspect_ratio(request.width, request.height)
         # The references are encoded once and reused by every image's request.
         contents = build_contents(request.references, request.prompt, request.negative_prompt)
