@@ -75,3 +75,29 @@ def test_a_finished_training_job_is_billed_once(eileen):
     assert events["gpu_seconds"].gpu_class == "H200" and events["gpu_seconds"].method == "train_flux"
     assert events["gpu_seconds"].cost == Decimal("0.110833")  # 100 s at $3.99 / hour
     assert events["training_steps"].quantity == 200 and all(e.billable for e in events.values())
+
+
+@pytest.fixture
+def models(settings, tiny_models_dir, media_root):
+    settings.ALKEMY_MODELS_DIR = tiny_models_dir  # submission checks the base model's files
+    return tiny_models_dir
+
+
+def test_training_dry_run_answers_the_estimate_and_creates_nothing(eileen, api_a, models):
+    body = {"character": eileen.pk, "base_model": "sdxl", "steps": 1000, "resolution": 1024}
+    response = api_a.post("/api/v1/trainings?dry_run=true", body, format="json")
+    assert response.status_code == 200, response.json()
+    assert response.json()["dry_run"] is True and response.json()["allowed"] is True
+    assert response.json()["estimate"]["method"] == "train_sdxl"
+    assert not TrainingJob.objects.unscoped().exists() and not Reservation.objects.unscoped().exists()
+
+
+def test_training_over_the_job_limit_is_429_with_retry_after(eileen, studio_a, api_a, models):
+    budget_set(tenant=studio_a.tenant, max_concurrent_jobs=1)
+    submit_training(eileen)
+    body = {"character": eileen.pk, "base_model": "sdxl", "steps": 10, "resolution": 1024}
+    refused = api_a.post("/api/v1/trainings", body, format="json")
+    assert refused.status_code == 429 and int(refused["Retry-After"]) > 0
+    assert TrainingJob.objects.unscoped().count() == 1
+    quote = api_a.post("/api/v1/trainings?dry_run=true", body, format="json").json()
+    assert quote["allowed"] is False and quote["refusal"]["code"] == "too_many_jobs"

@@ -2,18 +2,23 @@
 
 import django_filters
 from django.http import FileResponse
-from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_field
 from rest_framework import mixins, serializers
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from alkemy.api.base import TenantAPIView, TenantViewSet
+from alkemy.api.filters import query_flag
 from alkemy.errors import NotFound
 from alkemy.jobs import JobStatus
 from alkemy.tenancy.authentication import ApiKeyPrincipal
 from characters.selectors import character_get
+from generation.api import DRY_RUN_PARAMETER
+from generation.serializers import GenerationQuoteSerializer
 from training import jobs
 from training.models import BaseModel, LoraArtifact, TrainingJob
+from usage.api import RetryAfterMixin
 
 IDEMPOTENCY_PARAMETER = OpenApiParameter(
     "Idempotency-Key",
@@ -102,8 +107,12 @@ class TrainingFilter(django_filters.FilterSet):
         fields = ["character", "status", "base_model"]
 
 
-class TrainingViewSet(TenantViewSet, mixins.ListModelMixin, mixins.RetrieveModelMixin):
-    """LoRA training jobs of the tenant. Filter with `?character=`, `?status=`, `?base_model=`."""
+class TrainingViewSet(RetryAfterMixin, TenantViewSet, mixins.ListModelMixin, mixins.RetrieveModelMixin):
+    """LoRA training jobs of the tenant. Filter with `?character=`, `?status=`, `?base_model=`.
+
+    Submitting is admitted by the tenant's budget and job limits: 402 `budget_exceeded`, 429 `too_many_jobs`
+    (with `Retry-After`). `?dry_run=true` answers 200 with the estimate and the verdicts, creating nothing.
+    """
 
     serializer_class = TrainingJobSerializer
     filterset_class = TrainingFilter
@@ -123,14 +132,22 @@ class TrainingViewSet(TenantViewSet, mixins.ListModelMixin, mixins.RetrieveModel
     @extend_schema(
         summary="Train a LoRA of a character from its reference photos",
         request=TrainingCreateSerializer,
-        responses={202: TrainingJobSerializer},
-        parameters=[IDEMPOTENCY_PARAMETER],
+        responses={
+            202: TrainingJobSerializer,
+            200: OpenApiResponse(GenerationQuoteSerializer, description="dry_run: the estimate and verdicts, no job"),
+            402: OpenApiResponse(OpenApiTypes.OBJECT, description="budget_exceeded: spent, limit, estimate in details"),
+            429: OpenApiResponse(OpenApiTypes.OBJECT, description="too_many_jobs, with a Retry-After header"),
+        },
+        parameters=[IDEMPOTENCY_PARAMETER, DRY_RUN_PARAMETER],
     )
     def create(self, request):
         form = TrainingCreateSerializer(data=request.data)
         form.is_valid(raise_exception=True)
         data = dict(form.validated_data)
         character = character_get(tenant=self.tenant, character_id=data.pop("character"))
+        if query_flag(request, "dry_run"):
+            quote, _ = jobs.training_submit(tenant=self.tenant, character=character, dry_run=True, **data)
+            return Response({"dry_run": True, **quote.as_dict()}, status=200)
         principal = request.user
         job, _ = jobs.training_submit(
             tenant=self.tenant,

@@ -68,10 +68,13 @@ def training_submit(
     requested_by=None,
     requested_by_api_key=None,
     enqueue: bool = True,
+    dry_run: bool = False,
 ) -> tuple[TrainingJob, bool]:
     """Validate the request, store the job and enqueue it after commit. Returns (job, created).
 
     `enqueue=False` leaves the job for the caller to run in its own process (`manage.py train_lora`).
+    `dry_run=True` validates the same way and returns `(usage.services.Quote, False)` instead: the
+    estimate and the budget and job-limit verdicts, with no job.
 
     With an idempotency key, a retry with the same body returns the first job (created=False); the same
     key with another body is a 409 `idempotency_key_reused`.
@@ -126,6 +129,13 @@ def training_submit(
         )  # fmt: skip
     captions = _checked_captions(captions, references)
     _require_base_weights(base_model)
+
+    if dry_run:
+        from usage.services import usage_quote
+
+        draft = TrainingJob(tenant=tenant, character=character, base_model=base_model, steps=steps, rank=rank,
+                            resolution=resolution, total_steps=steps)  # fmt: skip
+        return usage_quote(job=draft), False
 
     if idempotency_key:
         existing = _idempotent_match(tenant, idempotency_key, fingerprint)
