@@ -47,13 +47,14 @@ class RerollSerializer(serializers.Serializer):
 
 
 class ShotListSerializer(serializers.ModelSerializer):
+    characters = serializers.ListField(source="character_ids", child=serializers.IntegerField(), read_only=True)
     shots = serializers.SerializerMethodField()
     progress = serializers.SerializerMethodField()
     jobs = serializers.SerializerMethodField()
 
     class Meta:
         model = ShotList
-        fields = ["id", "name", "character_ids", "methods", "images_per_shot", "method_params", "shots", "progress",
+        fields = ["id", "name", "characters", "methods", "images_per_shot", "method_params", "shots", "progress",
                   "jobs", "created_at"]  # fmt: skip
         read_only_fields = fields
 

@@ -233,3 +233,29 @@ def test_staff_of_another_tenant_cannot_see_or_create(client, staff_of_a, studio
     )  # fmt: skip
     assert client.get(f"/admin/shotlists/shotlist/{theirs.pk}/contact-sheet.png").status_code == 404
     assert client.get(f"/admin/shotlists/shotlist/{theirs.pk}/change/").status_code in (302, 404)
+
+
+def test_viewers_read_shot_lists_but_cannot_submit_cancel_or_reroll(api_a, studio_a, eileen):
+    from alkemy.tenancy.models import Role
+    from alkemy.tenancy.services import api_key_create
+
+    shot_list = api_a.post("/api/v1/shotlists", body([eileen]), format="json").json()["id"]
+    _, key = api_key_create(tenant=studio_a.tenant, name="viewer", role=Role.VIEWER)
+    viewer = studio_a.client(key)
+    assert viewer.get(f"/api/v1/shotlists/{shot_list}/report").status_code == 200
+    for path in ("", f"/{shot_list}/cancel", f"/{shot_list}/reroll"):
+        response = viewer.post(f"/api/v1/shotlists{path}", body([eileen]), format="json")
+        assert response.status_code == 403 and response.json()["error"]["code"] == "read_only_role"
+    assert GenerationJob.objects.unscoped().filter(status=JobStatus.QUEUED).count() == 6
+
+
+def test_contact_sheet_stays_within_its_bounds():
+    from alkemy.errors import AlkemyError
+    from shotlists.contact_sheet import MAX_SIDE, THUMB, fit_thumb, sheet_size
+
+    assert fit_thumb(rows=4, shots=3, per_cell=1) == THUMB
+    thumb = fit_thumb(rows=8, shots=100, per_cell=1)
+    assert thumb < THUMB and max(sheet_size(rows=8, shots=100, per_cell=1, thumb=thumb)) <= MAX_SIDE
+    with pytest.raises(AlkemyError) as refused_sheet:
+        fit_thumb(rows=8, shots=100, per_cell=4)
+    assert refused_sheet.value.code == "contact_sheet_too_large"
