@@ -127,7 +127,7 @@ def character_update(*, character: Character, **changes) -> Character:
 def character_delete(*, character: Character) -> None:
     """Delete the character with its references, generations, LoRAs and their files (after commit)."""
     from generation.models import GeneratedImage
-    from training.models import LoraArtifact
+    from training.models import LoraArtifact, TrainingJob
 
     with transaction.atomic():
         # Lock first, then collect: a job finishing meanwhile (which holds the character FOR KEY
@@ -135,10 +135,13 @@ def character_delete(*, character: Character) -> None:
         # finds the character gone and removes its own.
         if not Character.objects.unscoped().select_for_update().filter(pk=character.pk).exists():
             return
+        trainings = TrainingJob.objects.unscoped().filter(character=character)
         file_names = [
             *ReferenceImage.objects.unscoped().filter(character=character).values_list("file", flat=True),
             *GeneratedImage.objects.unscoped().filter(job__character=character).values_list("file", flat=True),
             *LoraArtifact.objects.unscoped().filter(character=character).values_list("file", flat=True),
+            *trainings.values_list("validation_image", flat=True),
+            *trainings.values_list("checkpoint_file", flat=True),  # a plain path: no row names it once deleted
         ]
         character.delete()
         delete_files_on_commit(file_names)

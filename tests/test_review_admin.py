@@ -337,3 +337,23 @@ def test_members_and_viewers_see_no_webhook_urls_in_admin(client, staff_of_both,
     client.post(f"/admin/webhooks/webhookendpoint/{endpoint.pk}/delete/", {"post": "yes"})
     assert not WebhookEndpoint.objects.unscoped().filter(pk=endpoint.pk).exists()
     assert not WebhookDelivery.objects.unscoped().exists()
+
+
+def test_deleting_a_character_removes_its_trainings_checkpoint_and_validation_render(studio_a, media_root, committed):
+    from characters.services import character_delete
+    from training.models import TrainingJob
+
+    character = character_create(tenant=studio_a.tenant, name="Kai")
+    job = TrainingJob.objects.unscoped().create(
+        tenant=studio_a.tenant, character=character, base_model="sdxl", steps=10, rank=4, alpha=4.0,
+        learning_rate=1e-4, resolution=1024, trigger_token="ohwx_kai", seed=1, status=JobStatus.FAILED,
+    )  # fmt: skip
+    folder = f"tenants/{studio_a.tenant.pk}/trainings/{job.pk}"
+    checkpoint = default_storage.save(f"{folder}/checkpoint-000005.pt", ContentFile(b"state"))
+    render = default_storage.save(f"{folder}/validation-seed1.png", ContentFile(b"png"))
+    TrainingJob.objects.unscoped().filter(pk=job.pk).update(checkpoint_file=checkpoint, validation_image=render)
+
+    with committed():
+        character_delete(character=character)
+
+    assert not default_storage.exists(checkpoint) and not default_storage.exists(render)
