@@ -8,6 +8,7 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from alkemy.api.base import TenantViewSet
+from alkemy.api.filters import query_flag
 from alkemy.errors import AlkemyError
 from alkemy.tenancy.authentication import ApiKeyPrincipal
 from characters.selectors import character_get
@@ -17,6 +18,11 @@ from shotlists.report import report_csv, shotlist_report
 from shotlists.selectors import shotlist_get, shotlist_list
 from shotlists.serializers import RerollSerializer, ShotListCreateSerializer, ShotListSerializer
 from usage.api import RetryAfterMixin
+
+DRY_RUN_PARAMETER = OpenApiParameter(
+    "dry_run", bool, OpenApiParameter.QUERY, required=False,
+    description="true: answer 200 with the list's estimate (per method and total) and the budget verdict; no jobs",
+)  # fmt: skip
 
 FORMAT_PARAMETER = OpenApiParameter(
     "format", str, OpenApiParameter.QUERY, required=False, enum=["json", "csv"],
@@ -49,22 +55,31 @@ class ShotListViewSet(RetryAfterMixin, TenantViewSet, mixins.ListModelMixin, mix
         request=ShotListCreateSerializer,
         responses={
             202: ShotListSerializer,
+            200: OpenApiResponse(OpenApiTypes.OBJECT, description="dry_run: the estimate and verdicts, no jobs"),
             402: OpenApiResponse(OpenApiTypes.OBJECT, description="budget_exceeded for one of the jobs"),
             429: OpenApiResponse(OpenApiTypes.OBJECT, description="too_many_jobs, with a Retry-After header"),
         },
+        parameters=[DRY_RUN_PARAMETER],
     )
     def create(self, request):
         form = ShotListCreateSerializer(data=request.data)
         form.is_valid(raise_exception=True)
         data = form.validated_data
         characters = [character_get(tenant=self.tenant, character_id=pk) for pk in data["characters"]]
+        shots = [services.ShotSpec(**shot) for shot in data["shots"]]
+        if query_flag(request, "dry_run"):
+            quote = services.shotlist_quote(
+                tenant=self.tenant, characters=characters, methods=data["methods"], shots=shots,
+                images_per_shot=data["images_per_shot"], method_params=data["method_params"],
+            )  # fmt: skip
+            return Response({"dry_run": True, **quote}, status=200)
         principal = request.user
         shot_list, _ = services.shotlist_submit(
             tenant=self.tenant,
             name=data["name"],
             characters=characters,
             methods=data["methods"],
-            shots=[services.ShotSpec(**shot) for shot in data["shots"]],
+            shots=shots,
             images_per_shot=data["images_per_shot"],
             method_params=data["method_params"],
             idempotency_key=data["idempotency"] or request.headers.get("Idempotency-Key") or None,

@@ -209,6 +209,81 @@ def shotlist_submit(
     return shot_list, True
 
 
+def shotlist_quote(
+    *,
+    tenant: Tenant,
+    characters: Sequence[Character],
+    shots: Sequence[ShotSpec],
+    methods: Sequence[str] | None = None,
+    images_per_shot: int = 1,
+    method_params: dict | None = None,
+) -> dict:
+    """What `shotlist_submit` would cost, creating nothing: every job validated and estimated like a
+    `?dry_run=true` generation (`usage_quote`), added up per method and in total, with the verdicts of the
+    tenant's budget and job limits on the whole list (`allowed`, `refusal`). Refuses what submission refuses."""
+    from decimal import Decimal
+
+    from usage.money import exact
+
+    methods = list(methods) if methods else [DEFAULT_METHOD]
+    method_params = dict(method_params or {})
+    _check_list(characters=characters, methods=methods, shots=shots, images_per_shot=images_per_shot, name="quote")
+    per_method = {m: {"jobs": 0, "images": 0, "device_seconds": Decimal(0), "cost": Decimal(0)} for m in methods}
+    quote = refusal = None
+    for index, spec in enumerate(shots):
+        shot = Shot(index=index, **{name: getattr(spec, name) for name in SHOT_FIELDS})
+        for character in characters:
+            for method in methods:
+                try:
+                    quote, _ = generation_submit(
+                        tenant=tenant, character=character, method=method, prompt=shot.prompt,
+                        negative_prompt=shot.negative_prompt, width=shot.width, height=shot.height, steps=shot.steps,
+                        guidance=shot.guidance, seed=shot.seed, num_images=images_per_shot,
+                        params=_job_params(shot, method, method_params), dry_run=True,
+                    )  # fmt: skip
+                except AlkemyError as error:
+                    raise _about_the_shot(error, index=index, character=character, method=method) from None
+                line = per_method[method]
+                line["jobs"] += 1
+                line["images"] += images_per_shot
+                line["device_seconds"] += quote.estimate.device_seconds
+                line["cost"] += quote.estimate.cost
+                if refusal is None and quote.refusal is not None:
+                    refusal = _about_the_shot(quote.refusal, index=index, character=character, method=method)
+    total = sum((line["cost"] for line in per_method.values()), Decimal(0))
+    jobs = sum(line["jobs"] for line in per_method.values())
+    budget, limits = quote.budget, quote.jobs
+    hard_limit = budget["remaining"] is not None and budget["limit_kind"] != "soft"
+    if refusal is None and hard_limit and total > Decimal(budget["remaining"]):
+        refusal = AlkemyError(
+            f"The shot list (estimated ${exact(total)}) would take the month's spend past the limit of "
+            f"${budget['limit']}: ${budget['spent']} spent and ${budget['reserved']} reserved.",
+            code="budget_exceeded", status_code=402, details={**budget, "estimate": exact(total)},
+        )  # fmt: skip
+    in_flight = limits["running"] + limits["queued"]
+    for cap, used, what in ((limits["max_concurrent_jobs"], in_flight, "in flight"),
+                            (limits["max_queued_jobs"], limits["queued"], "waiting to start")):  # fmt: skip
+        if refusal is None and cap is not None and used + jobs > cap:
+            refusal = AlkemyError(
+                f"The shot list's {jobs} jobs would make {used + jobs} job(s) {what}; the limit is {cap}.",
+                code="too_many_jobs", status_code=429, details={**limits, "jobs": jobs},
+            )  # fmt: skip
+    return {
+        "jobs": jobs,
+        "estimate": {"cost": exact(total), "currency": "USD",
+                     "device_seconds": float(sum(line["device_seconds"] for line in per_method.values())),
+                     "per_method": {m: {"jobs": line["jobs"], "images": line["images"],
+                                        "device_seconds": float(line["device_seconds"]), "cost": exact(line["cost"]),
+                                        "cost_per_image": exact(line["cost"] / line["images"])}
+                                    for m, line in per_method.items()}},
+        "budget": budget,
+        "job_limits": limits,
+        "allowed": refusal is None,
+        "refusal": None if refusal is None else {"code": refusal.code, "message": refusal.message,
+                                                 "details": refusal.details},
+    }  # fmt: skip
+
+
 def _idempotent_match(tenant: Tenant, key: str, fingerprint: str) -> ShotList | None:
     shot_list = ShotList.objects.unscoped().filter(tenant=tenant, idempotency_key=key).first()
     if shot_list is not None and shot_list.request_hash != fingerprint:

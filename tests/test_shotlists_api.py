@@ -1,6 +1,8 @@
 """Shot lists over the API: fan-out into generation jobs, validation before anything is queued, tenancy,
 idempotency, cancel. (Real workers, the report's numbers and re-rolls: tests/test_shotlists_workers.py.)"""
 
+from decimal import Decimal
+
 import pytest
 
 from alkemy.jobs import JobStatus
@@ -259,3 +261,25 @@ def test_contact_sheet_stays_within_its_bounds():
     with pytest.raises(AlkemyError) as refused_sheet:
         fit_thumb(rows=8, shots=100, per_cell=4)
     assert refused_sheet.value.code == "contact_sheet_too_large"
+
+
+def test_dry_run_estimates_the_whole_list_and_queues_nothing(api_a, studio_a, eileen, tom):
+    answer = api_a.post("/api/v1/shotlists?dry_run=true", body([eileen, tom]), format="json")
+    assert answer.status_code == 200, answer.json()
+    quote = answer.json()
+    assert quote["dry_run"] is True and quote["jobs"] == 12 and quote["allowed"] is True
+    per_method = quote["estimate"]["per_method"]
+    assert {m: line["jobs"] for m, line in per_method.items()} == {"pulid_flux": 6, "instantid_sdxl": 6}
+    assert Decimal(quote["estimate"]["cost"]) == sum(Decimal(line["cost"]) for line in per_method.values()) > 0
+    # the same verdict a single generation's dry run gives, summed over the list's jobs
+    single = api_a.post("/api/v1/generations?dry_run=true", {"character": eileen.pk, "method": "pulid_flux",
+                        "prompt": "x", "width": 64, "height": 64, "steps": 2}, format="json").json()  # fmt: skip
+    assert Decimal(per_method["pulid_flux"]["cost_per_image"]) == Decimal(single["estimate"]["cost"])
+    assert nothing_stored()
+
+    budget_set(tenant=studio_a.tenant, max_concurrent_jobs=5)
+    refused_quote = api_a.post("/api/v1/shotlists?dry_run=true", body([eileen, tom]), format="json").json()
+    assert refused_quote["allowed"] is False and refused_quote["refusal"]["code"] == "too_many_jobs"
+    bad = api_a.post("/api/v1/shotlists?dry_run=true", body([eileen], shots=[]), format="json")
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "no_shots"
+    assert nothing_stored()
