@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from alkemy.jobs import JobStatus
-from characters.faces import get_embedder
+from characters.faces import embedder_infos, get_embedder
 from characters.models import CharacterIdentity
 from characters.services import character_create, reference_add
 from generation.models import GeneratedImage, GenerationJob
@@ -33,7 +33,6 @@ METHODS = ["pulid_flux", "instantid_sdxl"]
 @pytest.fixture
 def worker_env(settings, tiny_models_dir, media_root):
     settings.ALKEMY_MODELS_DIR = tiny_models_dir
-    settings.ALKEMY_FACE_EMBEDDER = "dlib"
     return settings
 
 
@@ -85,10 +84,11 @@ def store_faces(shot_list_id, eileen, tom) -> set[int]:
     return outliers
 
 
-def expected_row(character, method, shot_list_id) -> dict:
+def expected_row(character, method, shot_list_id, embedder_name) -> dict:
     """The report's numbers for one character × method, computed from the stored files."""
-    embedder = get_embedder("dlib")
-    identity = np.asarray(CharacterIdentity.objects.unscoped().get(character=character, embedder="dlib").embedding)
+    embedder = get_embedder(embedder_name)
+    identity = CharacterIdentity.objects.unscoped().get(character=character, embedder=embedder_name).embedding
+    identity = np.asarray(identity)
     identity = identity / np.linalg.norm(identity)
     found = []  # (shot, output id, unit vector, similarity)
     seconds, costs = [], []
@@ -135,13 +135,15 @@ def test_shot_list_through_real_workers_report_contact_sheet_and_reroll(api_a, c
 
     outliers = store_faces(shot_list, eileen, tom)
     report = api_a.get(f"/api/v1/shotlists/{shot_list}/report").json()
-    assert report["embedder"] == "dlib" and report["same_person_threshold"] == 0.92
+    embedder = jobs_of(shot_list).first().embedder  # the character identity's space the jobs were validated in
+    assert report["embedder"] == embedder
+    assert report["same_person_threshold"] == embedder_infos()[embedder].match_threshold
     assert [(r["character"]["id"], r["method"]) for r in report["rows"]] == [
         (c.pk, m) for c in (eileen, tom) for m in METHODS
     ]
     for row in report["rows"]:
         character = eileen if row["character"]["id"] == eileen.pk else tom
-        want = expected_row(character, row["method"], shot_list)
+        want = expected_row(character, row["method"], shot_list, embedder)
         assert row["outputs"] == row["faces"] == 3 and row["errors"] == []
         for name in ("mean", "min", "p10"):
             assert close(row["identity"][name], want["identity"][name]), (row["identity"], want["identity"])
