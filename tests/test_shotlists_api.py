@@ -203,6 +203,8 @@ def test_staff_create_a_shot_list_from_the_character_page_one_prompt_per_line(cl
     assert prompts == ["on a rooftop", "in a car at night"]
     assert ShotJob.objects.unscoped().filter(shot_list=shot_list).count() == 8
 
+    listing = client.get("/admin/shotlists/shotlist/").content.decode()
+    assert "Chase" in listing and "0% (8 queued)" in listing
     change = client.get(f"/admin/shotlists/shotlist/{shot_list.pk}/change/").content.decode()
     assert f"/admin/shotlists/shotlist/{shot_list.pk}/contact-sheet.png" in change and "Consistency report" in change
     assert client.get(f"/admin/shotlists/shotlist/{shot_list.pk}/contact-sheet.png")["Content-Type"] == "image/png"
