@@ -82,7 +82,14 @@ class FaceEmbedding(TenantOwnedModel):
     reference = models.ForeignKey(ReferenceImage, on_delete=models.CASCADE, related_name="embeddings")
     embedder = models.CharField(max_length=40)
     dims = models.PositiveSmallIntegerField()
-    embedding = VectorField()
+    embedding = VectorField(help_text="Unit vector (what search and identities compare)")
+    raw_norm = models.FloatField(
+        null=True,
+        blank=True,
+        help_text="Length of the embedder's raw output (insightface's `embedding`); unit vector × raw_norm is the "
+        "raw embedding PuLID and InstantID feed their ID encoders. Empty for dlib (no meaningful raw length) "
+        "and for rows enrolled before it was kept (`manage.py reembed_references` fills it).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -12,13 +12,14 @@ from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import IntegrityError, transaction
 from django.utils.text import slugify
+from PIL import Image
 
 from alkemy.errors import AlkemyError, Conflict, Unprocessable
 from alkemy.files import delete_files_on_commit
 from alkemy.tenancy.models import Tenant
 from characters.faces import DetectedFace, EmbedderInfo, embedder_infos, get_embedder, resolve_embedder_name
 from characters.models import Character, CharacterIdentity, FaceEmbedding, ReferenceImage, reference_upload_to
-from characters.photos import Photo, load_photo, read_upload
+from characters.photos import Photo, load_photo, oriented, read_upload
 from characters.quality import assess, pick_subject, rank_faces
 from characters.search import nearest_characters, similar_identities
 
@@ -235,6 +236,7 @@ def reference_add(*, character: Character, upload, created_by=None) -> Reference
                 embedder=analysed.embedder.name,
                 dims=analysed.embedder.dims,
                 embedding=analysed.subject.embedding,
+                raw_norm=analysed.subject.raw_norm,
             )
             identity = identity_recompute(character=character, embedder=analysed.embedder.name)
     except BaseException:
@@ -244,6 +246,73 @@ def reference_add(*, character: Character, upload, created_by=None) -> Reference
 
     similar = identity_duplicates(character=character, identity=identity)
     return ReferenceAdded(reference=reference, similar_characters=similar)
+
+
+@dataclass
+class ReferenceReembedded:
+    reference: ReferenceImage
+    #: "embedded" (stored or refreshed) or "no_matching_face" (the embedder found no face on the stored box)
+    outcome: str
+
+
+def references_reembed(*, character: Character, embedder: str) -> list[ReferenceReembedded]:
+    """Analyse the character's stored reference photos again with `embedder` and store those embeddings.
+
+    For moving a character into the embedding space a generation method needs (PuLID and InstantID:
+    `arcface_antelopev2`) or filling raw norms of older rows. Each photo's subject is the face
+    the new embedder finds on the stored face box (the reference's geometry stays as enrolled); a
+    photo where it finds none there is reported and keeps whatever embeddings it had. Embeddings are
+    stored per (reference, embedder), so running it again changes nothing; the identity for
+    `embedder` is recomputed. EmbedderUnavailable when `embedder` cannot load.
+    """
+    analyser = get_embedder(embedder)
+    references = list(ReferenceImage.objects.unscoped().filter(character=character).order_by("pk"))
+    found: list[tuple[ReferenceImage, DetectedFace | None]] = []
+    for reference in references:  # the slow part, outside any transaction
+        with reference.file.open("rb") as handle:
+            pixels = np.asarray(oriented(Image.open(handle)).convert("RGB"))
+        found.append((reference, _face_on_box(analyser.analyze(pixels), reference.face_box)))
+
+    outcomes = []
+    with transaction.atomic():
+        Character.objects.unscoped().select_for_update().filter(pk=character.pk).first()
+        alive = set(ReferenceImage.objects.unscoped().filter(character=character).values_list("pk", flat=True))
+        for reference, face in found:
+            if reference.pk not in alive:  # deleted meanwhile
+                continue
+            if face is None:
+                outcomes.append(ReferenceReembedded(reference, "no_matching_face"))
+                continue
+            FaceEmbedding.objects.unscoped().update_or_create(
+                reference=reference,
+                embedder=analyser.info.name,
+                defaults={
+                    "tenant_id": character.tenant_id,
+                    "character": character,
+                    "dims": analyser.info.dims,
+                    "embedding": face.embedding,
+                    "raw_norm": face.raw_norm,
+                },
+            )
+            outcomes.append(ReferenceReembedded(reference, "embedded"))
+        identity_recompute(character=character, embedder=analyser.info.name)
+    return outcomes
+
+
+def _face_on_box(faces: list[DetectedFace], box) -> DetectedFace | None:
+    """The re-analysed face that is the reference's subject: among the faces whose box contains the centre of
+    the stored `box`, the one overlapping it most (detectors draw boxes of different tightness, so the
+    centre, not a fixed overlap, says "the same face"); None when no face covers it."""
+    bx1, by1, bx2, by2 = box
+    centre_x, centre_y = (bx1 + bx2) / 2, (by1 + by2) / 2
+
+    def overlap(face: DetectedFace) -> float:
+        ax1, ay1, ax2, ay2 = face.box
+        inter = max(min(ax2, bx2) - max(ax1, bx1), 0) * max(min(ay2, by2) - max(ay1, by1), 0)
+        return inter / (face.area + (bx2 - bx1) * (by2 - by1) - inter)
+
+    covering = [f for f in faces if f.box[0] <= centre_x <= f.box[2] and f.box[1] <= centre_y <= f.box[3]]
+    return max(covering, key=overlap, default=None)
 
 
 def _too_many_references(limit: int) -> Unprocessable:

@@ -15,10 +15,11 @@ from alkemy.errors import AlkemyError, Conflict, NotFound
 from alkemy.jobs import JobStatus, job_request_cancel
 from alkemy.tenancy.models import Tenant
 from characters.faces import resolve_embedder_name
-from characters.models import Character, CharacterIdentity
+from characters.models import Character
 from generation.gemini.client import allowed_model
 from generation.methods import DEFAULT_METHOD, DEFAULT_STEPS, IDENTITY_METHODS, METHOD_CLUSTERS, METHODS
 from generation.models import GeneratedImage, GenerationJob
+from generation.references import identity_check, method_embedder
 from usage.services import usage_admit
 
 logger = logging.getLogger(__name__)
@@ -112,14 +113,10 @@ def generation_submit(
     lora, style_lora = (None, None)
     if method == "lora":
         lora, style_lora = _resolve_loras(character, params)
-    has_identity = CharacterIdentity.objects.unscoped().filter(character=character, embedder=embedder).exists()
-    if method in IDENTITY_METHODS and not has_identity:
-        raise AlkemyError(
-            f"Character '{character.name}' has no reference photo analysed by the '{embedder}' embedder yet.",
-            code="no_identity",
-            field="character",
-            status_code=422,
-        )
+    if method in IDENTITY_METHODS:
+        # PuLID and InstantID take the embeddings their weights were trained on (embedding_space_mismatch otherwise)
+        needed = method_embedder(method=method, models_dir=settings.ALKEMY_MODELS_DIR, default=embedder)
+        identity_check(character=character, method=method, embedder=needed)
     if seed is None:
         seed = secrets.randbelow(MAX_SEED - num_images + 2)
     if dry_run:

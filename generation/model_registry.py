@@ -8,10 +8,11 @@ writes tiny random models in exactly this layout.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from generation.methods.base import ModelMissing
+from generation.methods.base import InvalidWeights, ModelMissing
 
 
 @dataclass(frozen=True)
@@ -94,8 +95,14 @@ COMPONENTS: dict[str, Component] = {
     ]
 }
 
-#: the face embedder PuLID and InstantID were trained with (for production weights)
+#: the face embedder PuLID and InstantID were trained with: the embedding space the released files expect
 PRODUCTION_EMBEDDER = "arcface_antelopev2"
+
+#: the ID-encoder weights of each method that takes face embeddings; their embedding space is declared
+#: by `EMBEDDING_SPACE_MARKER` in the same folder, else it is the released files' (`PRODUCTION_EMBEDDER`)
+ID_ENCODER_COMPONENTS: dict[str, str] = {"pulid_flux": "pulid_flux_weights", "instantid_sdxl": "instantid_ip_adapter"}
+#: `{"embedder": "<name>"}` beside weights not trained on antelopev2 (`build_test_models` writes it)
+EMBEDDING_SPACE_MARKER = "embedding_space.json"
 
 METHOD_COMPONENTS: dict[str, tuple[str, ...]] = {
     "pulid_flux": ("flux", "pulid_flux_weights", "eva_clip", "face_parsing"),
@@ -136,3 +143,50 @@ def require(models_dir: Path, method: str) -> None:
             f"Method '{method}' needs {first} ({component.description}); get it from {component.source}.",
             details={"method": method, "missing": [str(p) for p in missing], "source": component.source},
         )
+
+
+@dataclass(frozen=True)
+class EmbeddingSpace:
+    """The face embedder whose embeddings a method's weights take, and who says so."""
+
+    embedder: str
+    declared_by: str  # the marker file, or "the released weights"
+
+
+def embedding_space_marker(models_dir: Path, method: str) -> Path:
+    return component_path(models_dir, ID_ENCODER_COMPONENTS[method]).parent / EMBEDDING_SPACE_MARKER
+
+
+def embedding_space(models_dir: Path, method: str) -> EmbeddingSpace | None:
+    """What embeddings `method`'s weights in `models_dir` take; None for a method without an ID encoder.
+
+    Embedding spaces are not interchangeable: a 512-d vector of another model (buffalo_l's w600k_r50)
+    means nothing to encoders trained on antelopev2's glintr100. An unreadable marker is InvalidWeights.
+    """
+    if method not in ID_ENCODER_COMPONENTS:
+        return None
+    marker = embedding_space_marker(models_dir, method)
+    if not marker.is_file():
+        return EmbeddingSpace(PRODUCTION_EMBEDDER, "the released weights")
+    try:
+        embedder = json.loads(marker.read_text())["embedder"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InvalidWeights(
+            f'{marker} should be {{"embedder": "<face embedder name>"}}: {exc}', details={"file": str(marker)}
+        ) from None
+    if not isinstance(embedder, str) or not embedder:
+        raise InvalidWeights(f"{marker} names no face embedder.", details={"file": str(marker)})
+    return EmbeddingSpace(embedder, str(marker))
+
+
+def weights_present(models_dir: Path, method: str) -> bool:
+    """Whether `method`'s ID-encoder file is in `models_dir` (so its embedding space is known)."""
+    return method in ID_ENCODER_COMPONENTS and component_path(models_dir, ID_ENCODER_COMPONENTS[method]).exists()
+
+
+def write_embedding_space(models_dir: Path, method: str, embedder: str) -> Path:
+    """Declare that `method`'s weights in `models_dir` take `embedder`'s embeddings (test weights)."""
+    marker = embedding_space_marker(models_dir, method)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"embedder": embedder}) + "\n")
+    return marker

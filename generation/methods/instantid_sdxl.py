@@ -16,7 +16,7 @@ pipeline's own helpers, so with both scales at 0 the result is plain SDXL.
 Request params (defaults are InstantID's demo, `gradio_demo/app.py`, and `infer.py`):
     ip_adapter_scale (float, 0.8), controlnet_conditioning_scale (float, 0.8),
     pose_keypoints (5 [x, y] pairs in output pixels; default: the reference's keypoints, see below),
-    id_embedding_norm (float; default sqrt(embedding dims), see `id_embedding`),
+    id_embedding_norm (float; default the reference's raw ArcFace length, see `id_embedding`),
     id_mix ("largest_face" | "mean", default "largest_face"): which identity several references give,
         see below.
     enhance_non_face_region (bool, false): the demo's "Enhance non-face region": IdentityNet's
@@ -60,9 +60,10 @@ from generation.methods.base import (
     LoadOptions,
     ReferenceFace,
     StepCallback,
+    check_space_width,
     generator_for,
 )
-from generation.model_registry import component_path, require
+from generation.model_registry import PRODUCTION_EMBEDDER, component_path, embedding_space, require
 
 DEFAULT_IP_ADAPTER_SCALE = 0.8
 DEFAULT_CONTROLNET_SCALE = 0.8
@@ -86,23 +87,14 @@ def choice_param(params: dict, name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def active_embedder() -> tuple[str, int | None]:
-    """Name and dimension of the configured face embedder, without loading it (None if none can load)."""
-    from characters.faces import EmbedderUnavailable, embedder_infos, resolve_embedder_name
-
-    try:
-        name = resolve_embedder_name()
-    except EmbedderUnavailable:
-        return "", None
-    return name, embedder_infos()[name].dims
-
-
 def id_embedding(references: list[ReferenceFace], dims: int, norm: float | None = None) -> np.ndarray:
     """One identity vector from all references: the mean of their unit embeddings, rescaled to `norm`.
 
-    The Resampler was trained on insightface's raw ArcFace `embedding` (not the L2-normalised one), whose
-    components have a standard deviation of about 1, i.e. a length of about sqrt(dims) (~22.6 for 512).
-    We store unit vectors, so we give the direction back that typical length by default.
+    The Resampler was trained on insightface's raw ArcFace `embedding` (not the L2-normalised one). We
+    store the unit vector and its raw length (`ReferenceFace.raw_norm`), so by default one reference
+    gives exactly its raw embedding, as InstantID feeds it, and several (`id_mix: "mean"`) their mean
+    direction at their mean raw length. Without stored raw lengths (dlib, older rows) the typical
+    ArcFace length sqrt(dims) (~22.6 for 512) is used.
     """
     embedders = {ref.embedder for ref in references}
     if len(embedders) > 1:
@@ -118,7 +110,10 @@ def id_embedding(references: list[ReferenceFace], dims: int, norm: float | None 
     length = float(np.linalg.norm(mean))
     if length < 1e-6:
         raise GenerationFailed("The reference embeddings cancel out; the references are not one person.")
-    return mean / length * (math.sqrt(dims) if norm is None else float(norm))
+    raw_norms = [ref.raw_norm for ref in references]
+    if norm is None:
+        norm = float(np.mean(raw_norms)) if None not in raw_norms else math.sqrt(dims)
+    return mean / length * float(norm)
 
 
 def keypoint_reference(references: list[ReferenceFace]) -> ReferenceFace:
@@ -143,7 +138,7 @@ class InstantIdSdxlMethod(GenerationMethod):
     label = "InstantID (SDXL)"
     default_steps = 30
     default_guidance = 5.0
-    needs_embedder = "arcface"
+    needs_embedder = PRODUCTION_EMBEDDER
 
     def __init__(self, pipeline, resampler, options: LoadOptions):
         self.pipeline = pipeline  # StableDiffusionXLControlNetPipeline: its components and helpers
@@ -164,15 +159,10 @@ class InstantIdSdxlMethod(GenerationMethod):
         )
         pipeline.set_progress_bar_config(disable=True)
 
-        embedder_name, embedder_dims = active_embedder()
         adapter_path = component_path(models_dir, "instantid_ip_adapter")
-        resampler = load_ip_adapter(
-            adapter_path,
-            pipeline.unet,
-            embedder_dims=embedder_dims,
-            embedder_name=embedder_name,
-            scale=DEFAULT_IP_ADAPTER_SCALE,
-        )
+        space = embedding_space(models_dir, cls.key)  # whose embeddings the Resampler takes
+        resampler = load_ip_adapter(adapter_path, pipeline.unet, embedder_dims=None, scale=DEFAULT_IP_ADAPTER_SCALE)
+        check_space_width(space, resampler.embedding_dim, adapter_path)
         if controlnet.config.cross_attention_dim != resampler.output_dim:
             raise InvalidWeights(
                 f"IdentityNet takes {controlnet.config.cross_attention_dim}-d tokens but {adapter_path} makes "
@@ -189,13 +179,16 @@ class InstantIdSdxlMethod(GenerationMethod):
             pipeline.enable_model_cpu_offload(device=options.device)
         else:
             pipeline.to(options.device)
-        return cls(pipeline, resampler, options)
+        method = cls(pipeline, resampler, options)
+        method.embedding_space = space.embedder
+        return method
 
     @torch.inference_mode()
     def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> list[Image.Image]:
         """`request.num_images` images of exactly width × height; `on_step(step, total)` after each step."""
         if not request.references:
             raise GenerationFailed("InstantID needs at least one reference face.")
+        self.check_embedding_space(request.references)
         params = request.params
         steps = request.steps or self.default_steps
         guidance = self.default_guidance if request.guidance is None else float(request.guidance)

@@ -23,9 +23,15 @@ Request params (names and defaults are those of PuLID's FLUX demo, `app_flux.py`
     id_mix ("mean"): how several references combine, "mean" or "concat" of their ID tokens
         (see `generation.pulid.id_encoder`). An extension: PuLID-FLUX takes one ID image; with one
         reference both modes are exactly that.
-    id_embedding_norm (float; default sqrt(embedding dims)): length the unit face embeddings are scaled
-        to. PuLID feeds insightface's raw ArcFace `embedding`, whose length is about sqrt(512); the
-        registry stores unit vectors, so the direction is given that typical length back.
+    id_embedding_norm (float; default: each reference's raw length): length the face embeddings are
+        scaled to. PuLID feeds insightface's raw ArcFace `embedding`; the registry stores the unit
+        vector and its raw length (`ReferenceFace.raw_norm`), so by default the raw embedding is fed
+        exactly. Where no raw length is stored (dlib, embeddings enrolled before raw norms were kept)
+        the typical ArcFace length sqrt(dims) is used.
+
+The weights take the embeddings of one face embedder (antelopev2 for the released file, or what a
+marker beside them declares, `model_registry.embedding_space`); references from another embedder
+are refused with `embedding_space_mismatch`.
 
 Guidance defaults to 4.0, the demo's and the sampler's default.
 
@@ -52,9 +58,10 @@ from generation.methods.base import (
     LoadOptions,
     ReferenceFace,
     StepCallback,
+    check_space_width,
     generator_for,
 )
-from generation.model_registry import component_path, require
+from generation.model_registry import PRODUCTION_EMBEDDER, component_path, embedding_space, require
 from generation.pulid.flux_hooks import IdInjection, attach_pulid
 from generation.pulid.id_encoder import ID_MIX_MODES, PulidIdEncoder
 from generation.pulid.weights import load_bisenet, load_eva_clip, load_pulid
@@ -85,12 +92,18 @@ def int_param(params: dict, name: str, default: int, *, low: int, high: int | No
 
 
 def scaled_references(references: list[ReferenceFace], norm: float | None) -> list[ReferenceFace]:
-    """The references with their unit embeddings rescaled to `norm` (default sqrt(dims), see the module docstring)."""
+    """The references with their embeddings at length `norm`; by default their raw length (the raw
+    embedding PuLID feeds), else sqrt(dims) (see the module docstring)."""
     scaled = []
     for reference in references:
         vector = np.asarray(reference.embedding, dtype=np.float32).reshape(-1)
         length = float(np.linalg.norm(vector)) or 1.0
-        target = math.sqrt(vector.size) if norm is None else float(norm)
+        if norm is not None:
+            target = float(norm)
+        elif reference.raw_norm is not None:
+            target = float(reference.raw_norm)
+        else:
+            target = math.sqrt(vector.size)
         scaled.append(dataclasses.replace(reference, embedding=vector / length * target))
     return scaled
 
@@ -100,7 +113,7 @@ class PulidFluxMethod(GenerationMethod):
     label = "PuLID-FLUX"
     default_steps = 28
     default_guidance = DEFAULT_GUIDANCE
-    needs_embedder = "arcface"
+    needs_embedder = PRODUCTION_EMBEDDER
 
     def __init__(self, pipeline, id_encoder: PulidIdEncoder, injection: IdInjection, options: LoadOptions):
         self.pipeline = pipeline
@@ -132,6 +145,8 @@ class PulidFluxMethod(GenerationMethod):
         # EVA-CLIP and the IDFormer run in the pipeline's dtype (bf16 on CUDA, as PuLID does);
         # the small BiSeNet stays in fp32 like facexlib's.
         id_encoder = PulidIdEncoder(parser, eva.to(options.dtype), idformer.to(options.dtype))
+        space = embedding_space(models_dir, cls.key)
+        check_space_width(space, id_encoder.face_embedding_dim, component_path(models_dir, "pulid_flux_weights"))
         if options.cpu_offload:
             pipeline.enable_model_cpu_offload(device=options.device)
         else:
@@ -144,7 +159,9 @@ class PulidFluxMethod(GenerationMethod):
             for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
                 block.compile()
         pipeline.set_progress_bar_config(disable=True)
-        return cls(pipeline, id_encoder, injection, options)
+        method = cls(pipeline, id_encoder, injection, options)
+        method.embedding_space = space.embedder
+        return method
 
     @contextlib.contextmanager
     def _encoders_on_device(self):
@@ -180,6 +197,7 @@ class PulidFluxMethod(GenerationMethod):
         """`request.num_images` images of exactly width × height; `on_step(step, total)` after each step."""
         if not request.references:
             raise GenerationFailed("PuLID-FLUX needs at least one reference face.")
+        self.check_embedding_space(request.references)
         params = request.params
         steps = request.steps or self.default_steps
         guidance = self.default_guidance if request.guidance is None else float(request.guidance)

@@ -1,8 +1,8 @@
 """Tiny InstantID weights: IdentityNet ControlNet folder and ip-adapter.bin, for the tiny SDXL of base_models.
 
 Same files, classes and state-dict keys as InstantX/InstantID; only the widths are small. The
-Resampler takes embeddings of the active face embedder (`embedder_dims`) and makes ID tokens of the
-tiny UNet's cross-attention width.
+Resampler takes embeddings of one face embedder (the active one by default; declared in
+`instantid/embedding_space.json`) and makes ID tokens of the tiny UNet's cross-attention width.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch import nn
 
 from generation.instantid.attention import install_ip_processors
 from generation.instantid.resampler import Resampler
-from generation.model_registry import component_path
+from generation.model_registry import component_path, write_embedding_space
 from generation.tiny.base_models import SDXL_CROSS_DIM, sdxl_unet_config
 
 #: the tiny VAE downsamples by 2, so the ControlNet's condition encoder must too (one stride-2 stage)
@@ -28,12 +28,21 @@ def tiny_resampler(embedder_dims: int) -> Resampler:
     )
 
 
-def write_instantid_components(models_dir: Path, *, embedder_dims: int) -> None:
+def write_instantid_components(
+    models_dir: Path, *, embedder_dims: int | None = None, embedder: str | None = None
+) -> None:
     """Write `instantid/ControlNetModel/` and `instantid/ip-adapter.bin` under `models_dir`.
 
-    Matches the tiny SDXL that `write_sdxl(models_dir / "stable-diffusion-xl-base-1.0")` writes.
+    Matches the tiny SDXL that `write_sdxl(models_dir / "stable-diffusion-xl-base-1.0")` writes. The
+    Resampler takes `embedder`'s embeddings (default: the active face embedder), `embedder_dims` wide
+    (default: that embedder's width), and `instantid/embedding_space.json` declares the embedder.
     """
     from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from generation.tiny.build import embedding_space_for
+
+    embedder, embedder_dims = embedding_space_for(embedder, embedder_dims)
+    write_embedding_space(models_dir, "instantid_sdxl", embedder)
 
     torch.manual_seed(0)  # the same UNet weights write_sdxl saves: IdentityNet starts as a copy of the UNet
     unet = UNet2DConditionModel(**sdxl_unet_config())

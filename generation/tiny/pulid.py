@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from generation.model_registry import component_path
+from generation.model_registry import component_path, write_embedding_space
 
 # The tiny FLUX transformer of base_models.write_flux: 2 heads x 16 dims, 2 double + 4 single blocks.
 TINY_FLUX_INNER_DIM = 32
@@ -121,9 +121,17 @@ def write_pulid_weights(path: Path, *, embedder_dims: int, seed: int = 12) -> Pa
     return path
 
 
-def write_pulid_components(models_dir: Path, *, embedder_dims: int) -> None:
-    """Everything `pulid_flux` needs besides FLUX itself (the caller writes `flux1-dev/` with write_flux)."""
+def write_pulid_components(models_dir: Path, *, embedder_dims: int | None = None, embedder: str | None = None) -> None:
+    """Everything `pulid_flux` needs besides FLUX itself (the caller writes `flux1-dev/` with write_flux).
+
+    The IDFormer takes `embedder`'s embeddings (default: the active face embedder), `embedder_dims` wide
+    (default: that embedder's width), and `pulid/embedding_space.json` declares the embedder.
+    """
+    from generation.tiny.build import embedding_space_for
+
     models_dir = Path(models_dir)
+    embedder, embedder_dims = embedding_space_for(embedder, embedder_dims)
+    write_embedding_space(models_dir, "pulid_flux", embedder)
     write_pulid_weights(component_path(models_dir, "pulid_flux_weights"), embedder_dims=embedder_dims)
     write_eva_clip(component_path(models_dir, "eva_clip"))
     write_bisenet(component_path(models_dir, "face_parsing"))

@@ -14,14 +14,20 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("directory", type=Path)
         parser.add_argument(
+            "--embedder",
+            default=None,
+            help="Face embedder the tiny ID encoders are built for, declared in embedding_space.json beside them "
+            "(default: the active face embedder)",
+        )
+        parser.add_argument(
             "--embedder-dims",
             type=int,
             default=None,
             help="Face embedding size the ID encoders take (default: the active face embedder's)",
         )
 
-    def handle(self, *args, directory: Path, embedder_dims, **options):
-        written = build_test_models(directory, embedder_dims=embedder_dims)
+    def handle(self, *args, directory: Path, embedder, embedder_dims, **options):
+        written = build_test_models(directory, embedder=embedder, embedder_dims=embedder_dims)
         for path in written:
             self.stdout.write(f"  {path}")
         self.stdout.write(f"Tiny models written to {directory.resolve()}")
