@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,12 +18,25 @@ from generation.methods import method_class
 from generation.methods.base import GenerationMethod, GenerationRequest, LoadOptions, StepCallback
 from generation.references import character_identity, reference_faces
 
+#: zlib level of the PNGs we store. Level 1 encodes a 1024x1024 output 3-5x faster than Pillow's
+#: default 6 (0.16-0.27 s instead of 0.5-1 s on the dev VM) for 13 % more bytes; PNG stays lossless
+#: at every level (bench/README-queue-and-methods.md, "GPU-sized job: worker overhead").
+PNG_COMPRESS_LEVEL = 1
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """The lossless PNG bytes of `image`, at `PNG_COMPRESS_LEVEL`."""
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
 
 @dataclass
 class GeneratedOutput:
     image: Image.Image
     seed: int
     score: IdentityScore
+    png: bytes | None = None  # the encoded file, when asked for (`with_png=True`)
 
 
 def load_method(method: str, *, models_dir: Path | None = None, options: LoadOptions | None = None) -> GenerationMethod:
@@ -39,6 +54,7 @@ def generate_for_character(
     request: GenerationRequest,
     on_step: StepCallback | None = None,
     needs_references: bool = True,
+    with_png: bool = False,
 ) -> list[GeneratedOutput]:
     """Generate `request.num_images` images, one seed each (seed, seed+1, ...), each identity-scored.
 
@@ -46,7 +62,16 @@ def generate_for_character(
     `on_step` sees the steps of all images as one sequence. What the method meters (tokens,
     images) is added up in `request.usage`. A method that carries the identity in its weights
     (a LoRA) runs without reference photos; its outputs are scored when the character has an
-    identity, else they say `no_identity`.
+    identity, else they say `no_identity`. With `with_png`, each output also carries its PNG
+    bytes (`encode_png()`), for a caller that stores them.
+
+    Scoring and PNG encoding run on the CPU, so they are done in two background threads while
+    the next image is generated: image i is scored and encoded while image i+1 denoises, and
+    after the last image its scoring and encoding run side by side (Pillow's encoder releases
+    the GIL). One thread each keeps the face embedder used by one thread at a time, as before.
+    A scoring or encoding error fails the call, at the latest once the images are generated.
+    If generating fails (a cancel, a timeout) the queued work is dropped and the call waits only
+    for what is already running, so that no thread of this call outlives it.
     """
     embedder = resolve_embedder_name()  # scores the outputs
     try:
@@ -62,25 +87,41 @@ def generate_for_character(
     except AlkemyError:
         identity = None
     count = request.num_images
-    outputs: list[GeneratedOutput] = []
-    for index in range(count):
-        single = replace(request, references=faces, seed=request.seed + index, num_images=1, usage={})
+    pending: list[tuple[Image.Image, int, Future | None, Future | None]] = []
+    scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="identity-score")
+    encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="png-encode")
+    try:
+        for index in range(count):
+            for _, _, *futures in pending:  # a scoring error stops the job now, not after every image
+                for future in futures:
+                    if future is not None and future.done():
+                        future.result()
+            single = replace(request, references=faces, seed=request.seed + index, num_images=1, usage={})
 
-        def step_of_all(step: int, total: int, index: int = index) -> None:
-            if on_step is not None:
-                on_step(index * total + step, count * total)
+            def step_of_all(step: int, total: int, index: int = index) -> None:
+                if on_step is not None:
+                    on_step(index * total + step, count * total)
 
-        try:
-            image = method.generate(single, step_of_all)[0]
-        finally:  # a request that failed may still have been billed (a blocked reply): keep its usage
-            for meter, quantity in single.usage.items():
-                if isinstance(quantity, int | float):
-                    request.usage[meter] = request.usage.get(meter, 0) + quantity
-                else:  # a label of what was metered (e.g. Gemini's `model`), the same for every image
-                    request.usage[meter] = quantity
-        if identity is None:
-            score = IdentityScore(None, "no_identity")
-        else:
-            score = score_images([image], identity=identity, embedder=embedder)[0]
-        outputs.append(GeneratedOutput(image=image, seed=single.seed, score=score))
-    return outputs
+            try:
+                image = method.generate(single, step_of_all)[0]
+            finally:  # a request that failed may still have been billed (a blocked reply): keep its usage
+                for meter, quantity in single.usage.items():
+                    if isinstance(quantity, int | float):
+                        request.usage[meter] = request.usage.get(meter, 0) + quantity
+                    else:  # a label of what was metered (e.g. Gemini's `model`), the same for every image
+                        request.usage[meter] = quantity
+            score = None if identity is None else scorer.submit(_score, image, identity, embedder)
+            png = encoder.submit(encode_png, image) if with_png else None
+            pending.append((image, single.seed, score, png))
+        outputs = []
+        for image, seed, score, png in pending:
+            score = score.result() if score is not None else IdentityScore(None, "no_identity")
+            outputs.append(GeneratedOutput(image=image, seed=seed, score=score, png=png and png.result()))
+        return outputs
+    finally:
+        scorer.shutdown(wait=True, cancel_futures=True)
+        encoder.shutdown(wait=True, cancel_futures=True)
+
+
+def _score(image: Image.Image, identity, embedder: str) -> IdentityScore:
+    return score_images([image], identity=identity, embedder=embedder)[0]

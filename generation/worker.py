@@ -8,14 +8,14 @@
   no outputs), the per-method timeout is enforced, and at most once a second the progress is
   written together with the lease heartbeat.
 - CUDA out-of-memory fails the job `gpu_out_of_memory`; the worker frees memory and keeps serving.
-- Outputs are stored and the job finished in one transaction, conditional on this worker still
-  holding the job: if the reaper gave it to another worker meanwhile, ours are discarded, so a
-  job never completes twice.
+- Outputs are identity-scored and PNG-encoded in background threads while the next image
+  denoises (`generate_for_character`), then stored and the job finished in one transaction,
+  conditional on this worker still holding the job: if the reaper gave it to another worker
+  meanwhile, ours are discarded, so a job never completes twice.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 import time
@@ -293,7 +293,7 @@ def _generate_and_store(job: GenerationJob, me: str, guard: StepGuard) -> str:
         device_started = time.monotonic()
         outputs = generate_for_character(
             character=job.character, method=method, request=request, on_step=guard,
-            needs_references=job.method in IDENTITY_METHODS,
+            needs_references=job.method in IDENTITY_METHODS, with_png=True,
         )  # fmt: skip
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -395,13 +395,16 @@ def _character_held(job: GenerationJob) -> bool:
 
 
 def _store_outputs(job: GenerationJob, me: str, outputs, device_seconds: float, usage: dict) -> str:
+    """Store the outputs' PNGs (encoded while the images were generated, see `generate_for_character`)
+    and finish the job in one transaction; files of a run that does not finish are deleted."""
+    from generation.services import encode_png
+
     stored: list[str] = []
     try:
         for index, output in enumerate(outputs):
-            buffer = io.BytesIO()
-            output.image.save(buffer, "PNG")
+            png = output.png if output.png is not None else encode_png(output.image)
             name = f"tenants/{job.tenant_id}/generations/{job.pk}/{index}-seed{output.seed}-{me.replace(':', '-')}.png"
-            stored.append(default_storage.save(name, ContentFile(buffer.getvalue())))
+            stored.append(default_storage.save(name, ContentFile(png)))
         with transaction.atomic():
             if not _character_held(job):
                 raise JobLost()
