@@ -13,6 +13,8 @@ the worker holding it), so a duplicate delivery, a late worker or a reaper race 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import socket
 from datetime import timedelta
@@ -49,6 +51,27 @@ class IllegalTransition(RuntimeError):
 def check_transition(current: str, target: str) -> None:
     if target not in ALLOWED_TRANSITIONS[current]:
         raise IllegalTransition(f"a job cannot go from {current} to {target}")
+
+
+def request_hash(fields: dict) -> str:
+    """Fingerprint of what the client sent (before defaults): an idempotent retry sends the same body."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def idempotent_match(model, *, tenant, key: str, fingerprint: str, detail: str = "job"):
+    """The tenant's row already submitted with this Idempotency-Key, or None; 409 `idempotency_key_reused`
+    when it was submitted with another body (`details[detail]` names it). `model` has `idempotency_key`
+    and `request_hash` columns (every job kind, shot lists)."""
+    from alkemy.errors import Conflict
+
+    row = model.objects.unscoped().filter(tenant=tenant, idempotency_key=key).first()
+    if row is not None and row.request_hash != fingerprint:
+        raise Conflict(
+            "This Idempotency-Key was already used with a different request body.",
+            code="idempotency_key_reused",
+            details={detail: row.pk},
+        )
+    return row
 
 
 def worker_id() -> str:

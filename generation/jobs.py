@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -12,7 +11,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 
 from alkemy.errors import AlkemyError, Conflict, NotFound
-from alkemy.jobs import JobStatus, job_request_cancel
+from alkemy.jobs import JobStatus, idempotent_match, job_request_cancel, request_hash
 from alkemy.tenancy.models import Tenant
 from characters.faces import resolve_embedder_name
 from characters.models import Character
@@ -39,10 +38,6 @@ RESERVED_PARAMS = frozenset(
 
 def _invalid(message: str, field: str, code: str = "invalid_parameter") -> AlkemyError:
     return AlkemyError(message, code=code, field=field)
-
-
-def request_hash(fields: dict) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def generation_submit(
@@ -127,7 +122,7 @@ def generation_submit(
         return usage_quote(job=draft), False
 
     if idempotency_key:
-        existing = _idempotent_match(tenant, idempotency_key, fingerprint)
+        existing = idempotent_match(GenerationJob, tenant=tenant, key=idempotency_key, fingerprint=fingerprint)
         if existing:
             return existing, False
     try:
@@ -159,7 +154,7 @@ def generation_submit(
             transaction.on_commit(lambda: enqueue(job.pk))
     except IntegrityError:
         # A concurrent request with the same idempotency key won the race.
-        existing = _idempotent_match(tenant, idempotency_key, fingerprint)
+        existing = idempotent_match(GenerationJob, tenant=tenant, key=idempotency_key, fingerprint=fingerprint)
         if existing is None:
             raise
         return existing, False
@@ -245,17 +240,6 @@ def _resolve_loras(character: Character, params: dict):
                 status_code=422,
             )
     return lora, style_lora
-
-
-def _idempotent_match(tenant: Tenant, key: str, fingerprint: str) -> GenerationJob | None:
-    job = GenerationJob.objects.unscoped().filter(tenant=tenant, idempotency_key=key).first()
-    if job is not None and job.request_hash != fingerprint:
-        raise Conflict(
-            "This Idempotency-Key was already used with a different request body.",
-            code="idempotency_key_reused",
-            details={"job": job.pk},
-        )
-    return job
 
 
 def enqueue(job_id: int) -> None:

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from django.conf import settings
 from django.db import IntegrityError, transaction
 
-from alkemy.errors import AlkemyError, Conflict
-from alkemy.jobs import TERMINAL
+from alkemy.errors import AlkemyError
+from alkemy.jobs import TERMINAL, idempotent_match, request_hash
 from alkemy.tenancy.models import Tenant
 from characters.models import Character
-from generation.jobs import MAX_SEED, generation_cancel, generation_submit, request_hash
+from generation.jobs import MAX_SEED, generation_cancel, generation_submit
 from generation.methods import DEFAULT_METHOD, METHODS
 from generation.models import GeneratedImage, GenerationJob
 from shotlists.models import Shot, ShotJob, ShotList
@@ -168,7 +168,7 @@ def shotlist_submit(
          "method_params": method_params, "shots": [vars(s) for s in shots]}
     )  # fmt: skip
     if idempotency_key:
-        existing = _idempotent_match(tenant, idempotency_key, fingerprint)
+        existing = _earlier(tenant, idempotency_key, fingerprint)
         if existing is not None:
             return existing, False
     try:
@@ -202,7 +202,7 @@ def shotlist_submit(
                         _submit_job(shot_list=shot_list, shot=shot, character=character, method=method,
                                     seed=shot.seed, num_images=images_per_shot)  # fmt: skip
     except IntegrityError:
-        existing = _idempotent_match(tenant, idempotency_key, fingerprint) if idempotency_key else None
+        existing = _earlier(tenant, idempotency_key, fingerprint) if idempotency_key else None
         if existing is None:
             raise
         return existing, False
@@ -284,16 +284,6 @@ def shotlist_quote(
     }  # fmt: skip
 
 
-def _idempotent_match(tenant: Tenant, key: str, fingerprint: str) -> ShotList | None:
-    shot_list = ShotList.objects.unscoped().filter(tenant=tenant, idempotency_key=key).first()
-    if shot_list is not None and shot_list.request_hash != fingerprint:
-        raise Conflict(
-            "This idempotency key was already used with a different shot list.",
-            code="idempotency_key_reused", details={"shot_list": shot_list.pk},
-        )  # fmt: skip
-    return shot_list
-
-
 def shotlist_cancel(*, shot_list: ShotList) -> int:
     """Cancel every job of the list that has not finished (queued at once, running at its next step).
     Returns how many jobs were asked to stop."""
@@ -352,3 +342,7 @@ def shotlist_reroll(*, shot_list: ShotList, output_ids: Sequence[int] | None = N
                 )  # fmt: skip
             )
     return created
+
+
+def _earlier(tenant: Tenant, key: str, fingerprint: str) -> ShotList | None:
+    return idempotent_match(ShotList, tenant=tenant, key=key, fingerprint=fingerprint, detail="shot_list")

@@ -8,15 +8,13 @@ ranges, the base model's weights.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import secrets
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
 
-from alkemy.errors import AlkemyError, Conflict, NotFound
-from alkemy.jobs import JobStatus, job_request_cancel
+from alkemy.errors import AlkemyError, NotFound
+from alkemy.jobs import JobStatus, idempotent_match, job_request_cancel, request_hash
 from alkemy.tenancy.models import Tenant
 from characters.models import Character, ReferenceImage
 from training.models import BaseModel, TrainingJob
@@ -79,7 +77,7 @@ def training_submit(
     With an idempotency key, a retry with the same body returns the first job (created=False); the same
     key with another body is a 409 `idempotency_key_reused`.
     """
-    fingerprint = _request_hash(
+    fingerprint = request_hash(
         {"character": character.pk, "base_model": base_model, "steps": steps, "rank": rank, "alpha": alpha,
          "learning_rate": learning_rate, "lr_schedule": lr_schedule, "warmup_steps": warmup_steps,
          "resolution": resolution, "trigger_token": trigger_token, "captions": captions, "seed": seed,
@@ -138,7 +136,7 @@ def training_submit(
         return usage_quote(job=draft), False
 
     if idempotency_key:
-        existing = _idempotent_match(tenant, idempotency_key, fingerprint)
+        existing = idempotent_match(TrainingJob, tenant=tenant, key=idempotency_key, fingerprint=fingerprint)
         if existing:
             return existing, False
     try:
@@ -157,15 +155,15 @@ def training_submit(
             if enqueue:
                 transaction.on_commit(lambda: enqueue_training(job.pk))
     except IntegrityError:
-        existing = _idempotent_match(tenant, idempotency_key, fingerprint) if idempotency_key else None
+        existing = (
+            idempotent_match(TrainingJob, tenant=tenant, key=idempotency_key, fingerprint=fingerprint)
+            if idempotency_key
+            else None
+        )
         if existing is None:
             raise
         return existing, False
     return job, True
-
-
-def _request_hash(fields: dict) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _checked_captions(captions, reference_ids: list[int]) -> dict:
@@ -197,17 +195,6 @@ def _require_base_weights(base_model: str) -> None:
             missing.message.replace("LoRA generation", "LoRA training"),
             code="model_missing", field="base_model", details=missing.details, status_code=503,
         ) from None  # fmt: skip
-
-
-def _idempotent_match(tenant: Tenant, key: str, fingerprint: str) -> TrainingJob | None:
-    job = TrainingJob.objects.unscoped().filter(tenant=tenant, idempotency_key=key).first()
-    if job is not None and job.request_hash != fingerprint:
-        raise Conflict(
-            "This Idempotency-Key was already used with a different request body.",
-            code="idempotency_key_reused",
-            details={"job": job.pk},
-        )
-    return job
 
 
 def enqueue_training(job_id: int) -> None:
