@@ -147,30 +147,24 @@ def full_sizes() -> Sizes:
 
 def tiny_sizes() -> Sizes:
     """The tiny test models' sizes (generation.tiny), with 512-d face embeddings."""
-    from generation.tiny.base_models import FLUX_JOINT_DIM, FLUX_POOLED_DIM, sdxl_unet_config
+    from generation.tiny.base_models import (
+        FLUX_JOINT_DIM,
+        FLUX_POOLED_DIM,
+        flux_transformer_config,
+        flux_vae_config,
+        sdxl_unet_config,
+        sdxl_vae_config,
+    )
     from generation.tiny.instantid import CONDITIONING_CHANNELS
     from generation.tiny.pulid import TINY_EVA, TINY_FLUX_INNER_DIM, TINY_IDFORMER, TINY_IDFORMER_MAPPING_DIM
 
     return Sizes(
-        flux_transformer=dict(
-            patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=FLUX_JOINT_DIM, pooled_projection_dim=FLUX_POOLED_DIM,
-            guidance_embeds=True, axes_dims_rope=(4, 6, 6),
-        ),
-        flux_vae=dict(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-            latent_channels=16, norm_num_groups=4, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
-            shift_factor=0.0609, scaling_factor=1.5035,
-        ),
+        flux_transformer=flux_transformer_config(),
+        flux_vae=flux_vae_config(),
         flux_clip_hidden=FLUX_POOLED_DIM,
         flux_t5_d_model=FLUX_JOINT_DIM,
         sdxl_unet=sdxl_unet_config(),
-        sdxl_vae=dict(
-            block_out_channels=(32, 64), in_channels=3, out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-            latent_channels=4, sample_size=128,
-        ),
+        sdxl_vae=sdxl_vae_config(),
         sdxl_clip_hidden=32,
         sdxl_clip2_hidden=32,
         controlnet_cond_channels=CONDITIONING_CHANNELS,

@@ -23,6 +23,42 @@ def test_build_test_models_writes_every_component(tiny_models_dir):
         assert missing_files(tiny_models_dir, method) == []
 
 
+@pytest.mark.parametrize(("base", "latent_channels"), [("flux", 16), ("sdxl", 4)])
+def test_tiny_vaes_downsample_8x_into_the_real_latent_channels(tiny_models_dir, base, latent_channels):
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(component_path(tiny_models_dir, base) / "vae")
+    assert vae.config.latent_channels == latent_channels
+    assert 2 ** (len(vae.config.block_out_channels) - 1) == 8  # the pipelines' vae_scale_factor
+    with torch.no_grad():
+        latents = vae.encode(torch.zeros(1, 3, 96, 64)).latent_dist.mode()
+        assert latents.shape == (1, latent_channels, 12, 8)
+        assert vae.decode(latents).sample.shape == (1, 3, 96, 64)
+
+
+def test_tiny_identitynet_brings_the_control_image_onto_the_latent_grid(tiny_models_dir):
+    import torch
+    from diffusers import AutoencoderKL, ControlNetModel
+
+    vae = AutoencoderKL.from_pretrained(component_path(tiny_models_dir, "sdxl") / "vae")
+    controlnet = ControlNetModel.from_pretrained(component_path(tiny_models_dir, "instantid_controlnet"))
+    control_image = torch.zeros(1, 3, 96, 64)
+    with torch.no_grad():
+        latents = vae.encode(control_image).latent_dist.mode()
+        embedded = controlnet.controlnet_cond_embedding(control_image)
+    assert embedded.shape[-2:] == latents.shape[-2:] == (12, 8)
+    assert controlnet.config.in_channels == vae.config.latent_channels
+
+
+def test_tiny_flux_transformer_fits_the_latents_and_its_rope(tiny_models_dir):
+    from diffusers import FluxTransformer2DModel
+
+    config = FluxTransformer2DModel.load_config(component_path(tiny_models_dir, "flux") / "transformer")
+    assert config["in_channels"] == 16 * 4 and config["patch_size"] == 1  # 16 latent channels packed 2x2
+    assert sum(config["axes_dims_rope"]) == config["attention_head_dim"]
+
+
 def test_check_models_reports_ready_and_missing_files(tiny_models_dir, tmp_path):
     out = io.StringIO()
     call_command("check_models", "--models-dir", str(tiny_models_dir), stdout=out)

@@ -94,6 +94,24 @@ def test_generates_images_of_the_requested_size_and_reports_every_step(method, a
     assert steps == [(1, STEPS), (2, STEPS)]
 
 
+def test_renders_the_production_default_size_with_production_latent_and_control_sizes(method, astronaut_face):
+    # The tiny models keep SDXL's geometry: 1024² is 128² latents, and IdentityNet takes the 1024² keypoint
+    # image and brings it down 8x onto that latent grid.
+    seen = []
+    hook = method.pipeline.controlnet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[0].shape, kwargs["controlnet_cond"].shape)), with_kwargs=True
+    )
+    try:
+        request = GenerationRequest(references=[astronaut_face], prompt="a portrait photo", steps=STEPS)
+        images = method.generate(request)
+    finally:
+        hook.remove()
+    assert (request.width, request.height) == (1024, 1024)
+    assert [image.size for image in images] == [(1024, 1024)]
+    # CFG batch of 2: latents (2, 4, 128, 128), control image (2, 3, 1024, 1024)
+    assert seen == [((2, 4, 128, 128), (2, 3, 1024, 1024))] * STEPS
+
+
 def test_same_seed_same_image_other_seed_other_image(method, astronaut_face):
     first = method.generate(request_for(astronaut_face, seed=3))[0]
     again = method.generate(request_for(astronaut_face, seed=3))[0]

@@ -356,9 +356,9 @@ def instantid(instantid_models) -> InstantIdSdxlMethod:
     return InstantIdSdxlMethod.load(instantid_models, LoadOptions())
 
 
-def instantid_run(method, references, **params) -> np.ndarray:
+def instantid_run(method, references, *, size: int = 64, **params) -> np.ndarray:
     request = GenerationRequest(
-        references=references, prompt="a portrait photo", width=64, height=64, steps=2, seed=7, params=params
+        references=references, prompt="a portrait photo", width=size, height=size, steps=2, seed=7, params=params
     )
     return np.asarray(method.generate(request)[0]).astype(int)
 
@@ -459,9 +459,10 @@ def test_enhance_non_face_region_is_opt_in_and_validated(instantid, astronaut):
 
 
 def test_enhance_non_face_region_keeps_identitynet_inside_the_face_box(instantid, astronaut, unet_calls):
-    instantid_run(instantid, [astronaut], enhance_non_face_region=True)
-    face_box = place_box(astronaut.box, astronaut.keypoints, place_keypoints(astronaut.keypoints, (512, 512), 64, 64))
-    region = torch.from_numpy(face_region_mask(face_box, 64, 64))[None, None]
+    # 96 px: the smallest frame whose coarsest residual grid (96 / 8 / 2 = 6) has a cell wholly inside the face box
+    instantid_run(instantid, [astronaut], size=96, enhance_non_face_region=True)
+    face_box = place_box(astronaut.box, astronaut.keypoints, place_keypoints(astronaut.keypoints, (512, 512), 96, 96))
+    region = torch.from_numpy(face_region_mask(face_box, 96, 96))[None, None]
     assert 0 < region.mean() < 1
     call = unet_calls[0]
     for residual in (*call["down_block_additional_residuals"], call["mid_block_additional_residual"]):

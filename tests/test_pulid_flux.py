@@ -84,8 +84,25 @@ def test_generates_requested_sizes_deterministically_with_progress(method, astro
     request = GenerationRequest(references=[astronaut], prompt=PROMPT, width=48, height=80, steps=2, num_images=2)
     images = method.generate(request)
     assert [image.size for image in images] == [(48, 80), (48, 80)]
-    # A size FLUX cannot pack (not a multiple of 4 here) is generated larger and centre-cropped.
+    # A size FLUX cannot pack (not a multiple of 8x VAE x 2x2 packing = 16) is generated larger and centre-cropped.
     assert run(method, [astronaut], width=50, height=42)[0].shape == (42, 50, 3)
+
+
+def test_renders_the_production_default_size_with_production_token_counts(method, astronaut):
+    # The tiny models keep FLUX.1-dev's geometry: 1024² is 128² latents, packed into 64 x 64 = 4096 tokens.
+    seen = []
+    hook = method.pipeline.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((kwargs["hidden_states"].shape, kwargs["img_ids"].shape)),
+        with_kwargs=True,
+    )
+    try:
+        request = GenerationRequest(references=[astronaut], prompt=PROMPT, steps=2)
+        images = method.generate(request)
+    finally:
+        hook.remove()
+    assert (request.width, request.height) == (1024, 1024)
+    assert [image.size for image in images] == [(1024, 1024)]
+    assert seen == [((1, 4096, 64), (4096, 3))] * 2
 
 
 def test_id_weight_zero_is_plain_flux_and_the_id_changes_the_image(method, models_dir, astronaut):

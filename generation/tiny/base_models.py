@@ -8,21 +8,28 @@ import torch
 
 from generation.tiny.text import write_clip_text_model, write_clip_tokenizer, write_t5_encoder, write_t5_tokenizer
 
-# Small enough to denoise a 64x64 image in well under a second on a laptop CPU.
+# Small enough to denoise a 1024x1024 image (the production default) in seconds on a laptop CPU.
 FLUX_JOINT_DIM = 32
 FLUX_POOLED_DIM = 32
 SDXL_CROSS_DIM = 64
 
+#: Production geometry (DESIGN.md "Test models keep production geometry"): both VAEs downsample 8x, as
+#: FLUX.1-dev's and SDXL's do (four blocks, three stride-2 stages; the pipelines derive `vae_scale_factor`
+#: = 2 ** (blocks - 1) from this), with the real latent channels. Only the widths are small.
+VAE_SCALE_FACTOR = 8
+FLUX_VAE_CHANNELS = (8, 8, 16, 16)  # FLUX.1-dev: (128, 256, 512, 512)
+FLUX_LATENT_CHANNELS = 16
+SDXL_VAE_CHANNELS = (8, 8, 16, 16)  # SDXL base: (128, 256, 512, 512)
+SDXL_LATENT_CHANNELS = 4
+#: the real VAEs' sample_size: tiling (when enabled) starts above the same image size as in production
+VAE_SAMPLE_SIZE = 1024
 
-def write_flux(directory: Path) -> Path:
-    """A FLUX.1-dev-shaped folder: FluxTransformer2DModel, AutoencoderKL (16 latent channels), CLIP + T5."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(
+def flux_transformer_config() -> dict:
+    """FLUX.1-dev's transformer, 2 + 4 blocks of width 32; it takes the VAE's 16 channels packed 2x2."""
+    return dict(
         patch_size=1,
-        in_channels=16 * 4,  # 16 latent channels packed 2x2
+        in_channels=FLUX_LATENT_CHANNELS * 4,
         num_layers=2,
         num_single_layers=4,
         attention_head_dim=16,
@@ -30,24 +37,53 @@ def write_flux(directory: Path) -> Path:
         joint_attention_dim=FLUX_JOINT_DIM,
         pooled_projection_dim=FLUX_POOLED_DIM,
         guidance_embeds=True,
-        axes_dims_rope=(4, 6, 6),
+        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim, as FLUX.1-dev's (16, 56, 56) sums to 128
     )
-    torch.manual_seed(1)
-    vae = AutoencoderKL(
+
+
+def flux_vae_config() -> dict:
+    """FLUX.1-dev's AutoencoderKL geometry (8x, 16 latent channels, no quant convs), narrow."""
+    return dict(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * len(FLUX_VAE_CHANNELS),
+        up_block_types=("UpDecoderBlock2D",) * len(FLUX_VAE_CHANNELS),
+        block_out_channels=FLUX_VAE_CHANNELS,
         layers_per_block=1,
-        latent_channels=16,
+        latent_channels=FLUX_LATENT_CHANNELS,
         norm_num_groups=4,
-        sample_size=32,
+        sample_size=VAE_SAMPLE_SIZE,
         use_quant_conv=False,
         use_post_quant_conv=False,
         shift_factor=0.0609,
         scaling_factor=1.5035,
     )
+
+
+def sdxl_vae_config() -> dict:
+    """SDXL base's AutoencoderKL geometry (8x, 4 latent channels), narrow."""
+    return dict(
+        block_out_channels=SDXL_VAE_CHANNELS,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(SDXL_VAE_CHANNELS),
+        up_block_types=("UpDecoderBlock2D",) * len(SDXL_VAE_CHANNELS),
+        layers_per_block=1,
+        latent_channels=SDXL_LATENT_CHANNELS,
+        norm_num_groups=4,
+        sample_size=VAE_SAMPLE_SIZE,
+    )
+
+
+def write_flux(directory: Path) -> Path:
+    """A FLUX.1-dev-shaped folder: FluxTransformer2DModel, AutoencoderKL (8x, 16 latent channels), CLIP + T5."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(**flux_transformer_config())
+    torch.manual_seed(1)
+    vae = AutoencoderKL(**flux_vae_config())
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0,
         use_dynamic_shifting=True,
@@ -83,43 +119,42 @@ def write_flux(directory: Path) -> Path:
 
 
 def sdxl_unet_config() -> dict:
-    """diffusers' tiny SDXL UNet test configuration (text_time conditioning, two text encoders)."""
+    """diffusers' tiny SDXL UNet test configuration (text_time conditioning, two text encoders), one layer deep.
+
+    Its attention level runs on 1/16 of the image side, as SDXL's first attention level does (at 1024²:
+    64x64 = 4096 tokens). At that size a step costs seconds on a CPU with diffusers' config, so this one
+    is half as wide ((16, 32), not (32, 64)) and one layer deep (one resnet and one transformer layer
+    per block, not 2 and (1, 2)): 4 attention layers in the UNet and 2 in IdentityNet.
+    sample_size 128 latents is SDXL base's default of 1024 px.
+    """
     return dict(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=VAE_SAMPLE_SIZE // VAE_SCALE_FACTOR,
+        in_channels=SDXL_LATENT_CHANNELS,
+        out_channels=SDXL_LATENT_CHANNELS,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
+        attention_head_dim=(1, 2),  # heads (diffusers' legacy name): 16-dim heads, as diffusers' config has
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2),
+        transformer_layers_per_block=(1, 1),
         projection_class_embeddings_input_dim=80,  # 6 * 8 + 32 (pooled text_encoder_2)
         cross_attention_dim=SDXL_CROSS_DIM,
-        norm_num_groups=32,
+        norm_num_groups=8,
     )
 
 
 def write_sdxl(directory: Path) -> Path:
-    """An SDXL-base-shaped folder: UNet2DConditionModel, AutoencoderKL, CLIP-L + OpenCLIP-bigG stand-ins."""
+    """An SDXL-base-shaped folder: UNet2DConditionModel, AutoencoderKL (8x, 4 latent channels), CLIP stand-ins."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**sdxl_unet_config())
     torch.manual_seed(1)
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        sample_size=128,
-    )
+    vae = AutoencoderKL(**sdxl_vae_config())
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
     )

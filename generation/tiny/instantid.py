@@ -15,10 +15,11 @@ from torch import nn
 from generation.instantid.attention import install_ip_processors
 from generation.instantid.resampler import Resampler
 from generation.model_registry import component_path, write_embedding_space
-from generation.tiny.base_models import SDXL_CROSS_DIM, sdxl_unet_config
+from generation.tiny.base_models import SDXL_CROSS_DIM, SDXL_VAE_CHANNELS, sdxl_unet_config
 
-#: the tiny VAE downsamples by 2, so the ControlNet's condition encoder must too (one stride-2 stage)
-CONDITIONING_CHANNELS = (16, 32)
+#: IdentityNet's condition encoder brings the control image (full output size) down to the latent grid:
+#: one stride-2 stage per VAE downsampling (3 for SDXL's 8x, as InstantID's (16, 32, 96, 256) has).
+CONDITIONING_CHANNELS = tuple(2 * 2**stage for stage in range(len(SDXL_VAE_CHANNELS)))  # (2, 4, 8, 16)
 
 
 def tiny_resampler(embedder_dims: int) -> Resampler:
