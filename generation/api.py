@@ -10,7 +10,6 @@ from rest_framework.response import Response
 from alkemy.api.base import TenantViewSet
 from alkemy.api.filters import query_flag
 from alkemy.errors import NotFound
-from alkemy.tenancy.authentication import ApiKeyPrincipal
 from characters.selectors import character_get
 from generation import jobs
 from generation.filters import GenerationFilter
@@ -75,13 +74,11 @@ class GenerationViewSet(RetryAfterMixin, TenantViewSet, mixins.ListModelMixin, m
         if query_flag(request, "dry_run"):
             quote, _ = jobs.generation_submit(tenant=self.tenant, character=character, dry_run=True, **data)
             return Response({"dry_run": True, **quote.as_dict()}, status=200)
-        principal = request.user
         job, _ = jobs.generation_submit(
             tenant=self.tenant,
             character=character,
             idempotency_key=request.headers.get("Idempotency-Key") or None,
-            requested_by=None if isinstance(principal, ApiKeyPrincipal) else principal,
-            requested_by_api_key=principal.api_key if isinstance(principal, ApiKeyPrincipal) else None,
+            **self.requester(),
             **data,
         )
         return Response(self.get_serializer(job).data, status=202)

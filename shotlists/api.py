@@ -10,7 +10,6 @@ from rest_framework.response import Response
 from alkemy.api.base import TenantViewSet
 from alkemy.api.filters import query_flag
 from alkemy.errors import AlkemyError
-from alkemy.tenancy.authentication import ApiKeyPrincipal
 from characters.selectors import character_get
 from shotlists import services
 from shotlists.contact_sheet import render_contact_sheet
@@ -73,7 +72,6 @@ class ShotListViewSet(RetryAfterMixin, TenantViewSet, mixins.ListModelMixin, mix
                 images_per_shot=data["images_per_shot"], method_params=data["method_params"],
             )  # fmt: skip
             return Response({"dry_run": True, **quote}, status=200)
-        principal = request.user
         shot_list, _ = services.shotlist_submit(
             tenant=self.tenant,
             name=data["name"],
@@ -83,8 +81,7 @@ class ShotListViewSet(RetryAfterMixin, TenantViewSet, mixins.ListModelMixin, mix
             images_per_shot=data["images_per_shot"],
             method_params=data["method_params"],
             idempotency_key=data["idempotency"] or request.headers.get("Idempotency-Key") or None,
-            requested_by=None if isinstance(principal, ApiKeyPrincipal) else principal,
-            requested_by_api_key=principal.api_key if isinstance(principal, ApiKeyPrincipal) else None,
+            **self.requester(),
         )
         return Response(self.get_serializer(shot_list).data, status=202)
 

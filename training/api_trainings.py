@@ -12,7 +12,6 @@ from alkemy.api.base import TenantAPIView, TenantViewSet
 from alkemy.api.filters import query_flag
 from alkemy.errors import NotFound
 from alkemy.jobs import JobStatus
-from alkemy.tenancy.authentication import ApiKeyPrincipal
 from characters.selectors import character_get
 from generation.api import DRY_RUN_PARAMETER
 from generation.serializers import GenerationQuoteSerializer
@@ -148,13 +147,11 @@ class TrainingViewSet(RetryAfterMixin, TenantViewSet, mixins.ListModelMixin, mix
         if query_flag(request, "dry_run"):
             quote, _ = jobs.training_submit(tenant=self.tenant, character=character, dry_run=True, **data)
             return Response({"dry_run": True, **quote.as_dict()}, status=200)
-        principal = request.user
         job, _ = jobs.training_submit(
             tenant=self.tenant,
             character=character,
             idempotency_key=request.headers.get("Idempotency-Key") or None,
-            requested_by=None if isinstance(principal, ApiKeyPrincipal) else principal,
-            requested_by_api_key=principal.api_key if isinstance(principal, ApiKeyPrincipal) else None,
+            **self.requester(),
             **data,
         )
         return Response(self.get_serializer(job).data, status=202)

@@ -79,6 +79,15 @@ class TenantScopedMixin:
             if self._scope_token is not None:
                 scoping.deactivate(self._scope_token)
 
+    def requester(self) -> dict:
+        """Who asked, as job services record it: `requested_by` (a user) or `requested_by_api_key`."""
+        from alkemy.tenancy.authentication import ApiKeyPrincipal
+
+        principal = self.request.user
+        if isinstance(principal, ApiKeyPrincipal):
+            return {"requested_by": None, "requested_by_api_key": principal.api_key}
+        return {"requested_by": principal, "requested_by_api_key": None}
+
     def initial(self, request, *args, **kwargs):
         super().initial(request, *args, **kwargs)  # authentication, IsAuthenticated, throttles
         self.tenant, self.role = resolve_request_tenant(request)
