@@ -89,3 +89,25 @@ def test_killed_holder_does_not_keep_the_server_alive(tmp_path):
     while postmasters_for(pgdata) and time.time() < deadline:
         time.sleep(0.2)
     assert postmasters_for(pgdata) == []
+
+
+@pytest.mark.slow
+def test_a_holder_killed_while_another_runs_does_not_keep_the_server_alive(tmp_path):
+    """The qcluster case: a worker dies (kill -9) while the test process still holds the server; when
+    the test process exits, it is the last live holder and stops the server."""
+    pgdata = tmp_path / "pgdata"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(pgdata), "0", "8"], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    first = json.loads(holder.stdout.readline())
+    victim = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(pgdata), "0", "60"], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    assert json.loads(victim.stdout.readline())["server_pid"] == first["server_pid"]
+    victim.kill()
+    victim.wait()
+    assert holder.wait(timeout=120) == 0
+    deadline = time.time() + 15
+    while postmasters_for(pgdata) and time.time() < deadline:
+        time.sleep(0.2)
+    assert postmasters_for(pgdata) == []

