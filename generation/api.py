@@ -34,6 +34,16 @@ DRY_RUN_PARAMETER = OpenApiParameter(
 )
 
 
+def submission_responses(job_serializer) -> dict:
+    """What a job-submitting POST answers: the job (202), the dry-run quote (200), and the admission refusals."""
+    return {
+        202: job_serializer,
+        200: OpenApiResponse(GenerationQuoteSerializer, description="dry_run: the estimate and verdicts, no job"),
+        402: OpenApiResponse(OpenApiTypes.OBJECT, description="budget_exceeded: spent, limit, estimate in details"),
+        429: OpenApiResponse(OpenApiTypes.OBJECT, description="too_many_jobs, with a Retry-After header"),
+    }
+
+
 class GenerationViewSet(RetryAfterMixin, TenantViewSet, mixins.ListModelMixin, mixins.RetrieveModelMixin):
     """Generation jobs of the tenant. Filter with `?character=`, `?status=`, `?method=`.
 
@@ -58,12 +68,7 @@ class GenerationViewSet(RetryAfterMixin, TenantViewSet, mixins.ListModelMixin, m
     @extend_schema(
         summary="Render a character in a new scene",
         request=GenerationCreateSerializer,
-        responses={
-            202: GenerationJobSerializer,
-            200: OpenApiResponse(GenerationQuoteSerializer, description="dry_run: the estimate and verdicts, no job"),
-            402: OpenApiResponse(OpenApiTypes.OBJECT, description="budget_exceeded: spent, limit, estimate in details"),
-            429: OpenApiResponse(OpenApiTypes.OBJECT, description="too_many_jobs, with a Retry-After header"),
-        },
+        responses=submission_responses(GenerationJobSerializer),
         parameters=[IDEMPOTENCY_PARAMETER, DRY_RUN_PARAMETER],
     )
     def create(self, request):

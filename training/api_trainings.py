@@ -2,8 +2,7 @@
 
 import django_filters
 from django.http import FileResponse
-from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_field
+from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import mixins, serializers
 from rest_framework.decorators import action
 from rest_framework.response import Response
@@ -13,19 +12,10 @@ from alkemy.api.filters import query_flag
 from alkemy.errors import NotFound
 from alkemy.jobs import JobStatus
 from characters.selectors import character_get
-from generation.api import DRY_RUN_PARAMETER
-from generation.serializers import GenerationQuoteSerializer
+from generation.api import DRY_RUN_PARAMETER, IDEMPOTENCY_PARAMETER, submission_responses
 from training import jobs
 from training.models import BaseModel, LoraArtifact, TrainingJob
 from usage.api import RetryAfterMixin
-
-IDEMPOTENCY_PARAMETER = OpenApiParameter(
-    "Idempotency-Key",
-    str,
-    OpenApiParameter.HEADER,
-    required=False,
-    description="A retry with the same key and body returns the same job; a different body answers 409.",
-)
 
 
 class TrainingCreateSerializer(serializers.Serializer):
@@ -131,12 +121,7 @@ class TrainingViewSet(RetryAfterMixin, TenantViewSet, mixins.ListModelMixin, mix
     @extend_schema(
         summary="Train a LoRA of a character from its reference photos",
         request=TrainingCreateSerializer,
-        responses={
-            202: TrainingJobSerializer,
-            200: OpenApiResponse(GenerationQuoteSerializer, description="dry_run: the estimate and verdicts, no job"),
-            402: OpenApiResponse(OpenApiTypes.OBJECT, description="budget_exceeded: spent, limit, estimate in details"),
-            429: OpenApiResponse(OpenApiTypes.OBJECT, description="too_many_jobs, with a Retry-After header"),
-        },
+        responses=submission_responses(TrainingJobSerializer),
         parameters=[IDEMPOTENCY_PARAMETER, DRY_RUN_PARAMETER],
     )
     def create(self, request):
