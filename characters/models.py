@@ -5,6 +5,7 @@ from django.contrib.postgres.fields import ArrayField
 from django.db import models
 from pgvector.django import VectorField
 
+from alkemy.jobs import Job, JobStatus
 from alkemy.tenancy.scoping import TenantOwnedModel
 
 
@@ -116,3 +117,64 @@ class CharacterIdentity(TenantOwnedModel):
             models.UniqueConstraint(fields=["character", "embedder"], name="identity_unique_per_character_embedder")
         ]
         indexes = [models.Index(fields=["tenant", "embedder"], name="identity_tenant_embedder_idx")]
+
+
+def import_upload_to(instance: "CharacterImport", filename: str) -> str:
+    return f"tenants/{instance.tenant_id}/character-imports/{instance.archive_sha256}.zip"
+
+
+class CharacterImport(Job):
+    """Bulk enrolment of a zip of photos, one folder per character (folder name = character name),
+    run on the CPU cluster with the lifecycle of `alkemy.jobs`.
+
+    Each photo goes through the same service as a single upload; `report` has one entry per file of
+    the archive: {"path", "character", "outcome" (enrolled | skipped | refused), "code", "message",
+    "character_id", "reference_id", "similar": [...]}. Re-running an archive skips photos already
+    enrolled (same file hash), so the job is idempotent and a re-queued one resumes where it stopped.
+    """
+
+    tenant = models.ForeignKey("tenancy.Tenant", on_delete=models.CASCADE, related_name="character_imports")
+    archive = models.FileField(upload_to=import_upload_to, max_length=300)
+    archive_name = models.CharField(max_length=255, blank=True, help_text="File name as uploaded")
+    archive_sha256 = models.CharField(max_length=64)
+    archive_size = models.PositiveBigIntegerField()
+    dry_run = models.BooleanField(default=False, help_text="Analyse and report only; nothing is enrolled")
+    embedder = models.CharField(max_length=40, blank=True)
+    report = models.JSONField(default=list, blank=True, help_text="One entry per file of the archive")
+    total_files = models.PositiveIntegerField(default=0)
+    enrolled_count = models.PositiveIntegerField(default=0)
+    skipped_count = models.PositiveIntegerField(default=0, help_text="Photos already enrolled (same file hash)")
+    refused_count = models.PositiveIntegerField(default=0)
+    characters_created = models.PositiveIntegerField(default=0)
+    duplicate_count = models.PositiveIntegerField(
+        default=0, help_text="Photos whose face resembles another character (of the import or the registry)"
+    )
+    timings = models.JSONField(default=dict, blank=True, help_text="Seconds: unpack, analyse, enrol")
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    requested_by_api_key = models.ForeignKey(
+        "tenancy.ApiKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    idempotency_key = models.CharField(max_length=200, null=True, blank=True)
+    request_hash = models.CharField(max_length=64, blank=True)
+
+    class Meta:
+        ordering = ["-queued_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "idempotency_key"],
+                condition=models.Q(idempotency_key__isnull=False),
+                name="charimport_unique_idempotency_key_per_tenant",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(status__in=[s.value for s in JobStatus]), name="charimport_status_valid"
+            ),
+            models.CheckConstraint(
+                condition=models.Q(progress__gte=0) & models.Q(progress__lte=1), name="charimport_progress_0_1"
+            ),
+        ]
+        indexes = [models.Index(fields=["tenant", "status", "queued_at"], name="charimport_tenant_status_idx")]
+
+    def __str__(self) -> str:
+        return f"Character import #{self.pk} ({self.status})"
