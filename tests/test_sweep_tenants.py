@@ -120,8 +120,10 @@ class World:
         shot = Shot.objects.unscoped().create(
             tenant=tenant, shot_list=self.shot_list, index=0, prompt=f"rain {MARK}", width=64, height=64, seed=1
         )
-        ShotJob.objects.unscoped().create(tenant=tenant, shot_list=self.shot_list, shot=shot,
-                                          character=self.character, method="pulid_flux", job=self.generation)  # fmt: skip
+        ShotJob.objects.unscoped().create(
+            tenant=tenant, shot_list=self.shot_list, shot=shot, character=self.character, method="pulid_flux",
+            job=self.generation,
+        )  # fmt: skip
 
         self.webhook = WebhookEndpoint.objects.unscoped().create(
             tenant=tenant, url=f"https://hooks.example.com/{MARK}", secret=f"whsec_{MARK}"
@@ -235,10 +237,7 @@ def api_routes() -> list[tuple[str, set[str]]]:
         template = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", template)
         actions = getattr(callback, "actions", None)
         view_class = getattr(callback, "cls", None) or getattr(callback, "view_class", None)
-        if actions:
-            methods = set(actions)
-        else:
-            methods = {m for m in METHODS if hasattr(view_class, m)}
+        methods = set(actions) if actions else {m for m in METHODS if hasattr(view_class, m)}
         routes.append((template, methods))
     return routes
 
