@@ -224,9 +224,19 @@ LOGGING = {
 # server-side session, never in the signed-but-readable cookie Django uses by default.
 MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
 
+# ALKEMY_HTTPS=1 (served over HTTPS behind a proxy that sets X-Forwarded-Proto): secure cookies, plain HTTP
+# redirected (except the health check probes call), HSTS. `manage.py check --deploy` is clean with it.
+ALKEMY_HTTPS = env_bool("ALKEMY_HTTPS", False)
 if not DEBUG:
-    SESSION_COOKIE_SECURE = env_bool("ALKEMY_SECURE_COOKIES", False)
-    CSRF_COOKIE_SECURE = env_bool("ALKEMY_SECURE_COOKIES", False)
+    SESSION_COOKIE_SECURE = env_bool("ALKEMY_SECURE_COOKIES", ALKEMY_HTTPS)
+    CSRF_COOKIE_SECURE = env_bool("ALKEMY_SECURE_COOKIES", ALKEMY_HTTPS)
+if ALKEMY_HTTPS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+    SECURE_REDIRECT_EXEMPT = [r"^api/v1/health$"]
+    SECURE_HSTS_SECONDS = env_int("ALKEMY_HSTS_SECONDS", 31_536_000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("ALKEMY_HSTS_INCLUDE_SUBDOMAINS", True)
+    SECURE_HSTS_PRELOAD = env_bool("ALKEMY_HSTS_PRELOAD", True)
 
 # Operators (monitoring) read GET /api/v1/health in detail with `Authorization: Bearer <this>`; empty: only
 # superusers' sessions do. Everyone else gets the bare liveness answer.
@@ -234,6 +244,15 @@ ALKEMY_OPERATOR_TOKEN = os.environ.get("ALKEMY_OPERATOR_TOKEN", "")
 
 # Shared across processes (web, both clusters): django-q2 keeps cluster heartbeats here.
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "alkemy_cache"}}
+
+# Abuse limits (alkemy/ratelimit.py: token buckets in PostgreSQL, shared by every worker). Requests a minute
+# per API key (or session user) and per tenant, 0: no limit; failed admin logins per username and per client
+# address within ALKEMY_LOGIN_FAILURE_WINDOW_SECONDS (the bucket refills over that window).
+ALKEMY_RATE_LIMIT_PER_KEY = env_int("ALKEMY_RATE_LIMIT_PER_KEY", 1200)
+ALKEMY_RATE_LIMIT_PER_TENANT = env_int("ALKEMY_RATE_LIMIT_PER_TENANT", 3000)
+ALKEMY_LOGIN_FAILURES_PER_USER = env_int("ALKEMY_LOGIN_FAILURES_PER_USER", 5)
+ALKEMY_LOGIN_FAILURES_PER_IP = env_int("ALKEMY_LOGIN_FAILURES_PER_IP", 30)
+ALKEMY_LOGIN_FAILURE_WINDOW_SECONDS = env_int("ALKEMY_LOGIN_FAILURE_WINDOW_SECONDS", 900)
 
 # Character registry
 ALKEMY_FACE_EMBEDDER = os.environ.get("ALKEMY_FACE_EMBEDDER", "auto")  # auto | dlib | arcface_antelopev2 | ...

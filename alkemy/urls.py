@@ -2,12 +2,14 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from alkemy.admin_login import ThrottledAdminAuthenticationForm
 from alkemy.api.health import HealthView
 from alkemy.api.tenant import TenantView
 
 admin.site.site_header = "Alkemy Cast"
 admin.site.site_title = "Alkemy Cast admin"
 admin.site.index_title = "Characters, generations and tenants"
+admin.site.login_form = ThrottledAdminAuthenticationForm  # failed logins per username and address
 
 api_v1 = [
     path("health", HealthView.as_view(), name="health"),

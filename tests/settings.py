@@ -10,5 +10,9 @@ and encrypt secrets exactly like the test process.
 import os
 
 os.environ.setdefault("SECRET_KEY", "alkemy-test-suite-only-not-a-secret")
+# The suite sends thousands of requests a minute with one key: the rate limits still count every request
+# but never refuse one (tests/test_rate_limits.py sets the limits it tests).
+os.environ.setdefault("ALKEMY_RATE_LIMIT_PER_KEY", "1000000")
+os.environ.setdefault("ALKEMY_RATE_LIMIT_PER_TENANT", "1000000")
 
 from alkemy.settings import *  # noqa: E402, F403

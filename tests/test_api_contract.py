@@ -253,7 +253,7 @@ def test_views_added_later_get_their_errors_documented_without_annotations():
         assert create["responses"][status]["content"]["application/json"]["schema"] == {
             "$ref": "#/components/schemas/ErrorResponse"
         }
-    assert set(spec["paths"]["/api/v1/later/{id}"]["get"]["responses"]) == {"200", "401", "403", "404"}
+    assert set(spec["paths"]["/api/v1/later/{id}"]["get"]["responses"]) == {"200", "401", "403", "404", "429"}
     request_component = spec["components"]["schemas"]["LaterThingRequest"]
     assert request_component["required"] == ["name"]
     assert "default" not in request_component["properties"]["count"]

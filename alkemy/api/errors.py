@@ -102,6 +102,7 @@ def exception_handler(exc, context):
         details = {}
         if isinstance(exc, exceptions.Throttled) and exc.wait is not None:
             details["retry_after_seconds"] = exc.wait
+            details.update(getattr(exc, "extra_details", {}))  # rate limits: scope, limit_per_minute
         body = error_body(code, message, details)
     response.data = body
     return response

@@ -64,6 +64,12 @@ ERRORS = {
     413: "`request_too_large`: the request body is over the server's limit.",
     415: "`unsupported_media_type`: send the body in the documented content type.",
     422: "Well-formed but unusable content, e.g. `no_face`, `invalid_image`, `invalid_lora`, `no_identity`.",
+    429: "`rate_limited`: too many requests a minute for this API key (or user) or this tenant "
+    "(`details.scope`: `key`, `user` or `tenant`; `details.limit_per_minute`); wait `Retry-After` seconds.",
+}
+
+RETRY_AFTER_HEADER = {
+    "Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait before trying again."}
 }
 
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
@@ -96,6 +102,10 @@ class AutoSchema(SpectacularAutoSchema):
             responses.setdefault(
                 str(status_code), self._get_response_for_code(error_response(ERRORS[status_code]), str(status_code))
             )
+        if "429" in responses:
+            if self._is_tenant_view() and "rate_limited" not in responses["429"].get("description", ""):
+                responses["429"]["description"] += " Also " + ERRORS[429]
+            responses["429"].setdefault("headers", {}).update(RETRY_AFTER_HEADER)
         operation["responses"] = dict(sorted(responses.items()))
         return operation
 
@@ -124,7 +134,14 @@ class AutoSchema(SpectacularAutoSchema):
             statuses.append(409)
         if has_body:
             statuses += [413, 415, 422]
+        if self._is_tenant_view():
+            statuses.append(429)  # request rate limits (alkemy/api/throttling.py)
         return statuses
+
+    def _is_tenant_view(self) -> bool:
+        from alkemy.api.base import TenantScopedMixin
+
+        return isinstance(self.view, TenantScopedMixin)
 
     def _get_serializer_field_meta(self, field, direction):
         meta = super()._get_serializer_field_meta(field, direction)
