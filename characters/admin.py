@@ -8,7 +8,7 @@ from django.db.models import Count
 from django.http import Http404, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
 from alkemy.errors import AlkemyError
 from alkemy.tenancy.admin_base import TENANT_FILTER, TenantScopedAdmin, TenantScopedInline, _roles_by_tenant
@@ -89,16 +89,49 @@ class ReferenceImageInline(TenantScopedInline, admin.TabularInline):
         return len(obj.other_faces)
 
 
+class TagFilter(admin.SimpleListFilter):
+    """The tags used by the characters the user can see."""
+
+    title = "tag"
+    parameter_name = "tag"
+
+    def lookups(self, request, model_admin):
+        rows = model_admin.get_queryset(request).order_by().values_list("tags", flat=True).distinct()
+        return [(tag, tag) for tag in sorted({tag for tags in rows for tag in tags})[:100]]
+
+    def queryset(self, request, queryset):
+        return queryset.filter(tags__contains=[self.value()]) if self.value() else queryset
+
+
+def identity_badge(output, *, threshold: float | None):
+    """A rendered image's identity score as a coloured badge: green at or above the embedder's same-person
+    threshold, red below it, grey when there is no score (no face found, no identity to compare)."""
+    if output.identity_similarity is None:
+        reason = (output.identity_reason or "not scored").replace("_", " ")
+        return format_html('<span class="identity-badge identity-none" style="{}">{}</span>', BADGE_STYLE + "#777",
+                           reason)  # fmt: skip
+    same = threshold is not None and output.identity_similarity >= threshold
+    colour = "#2e7d32" if same else "#c62828"
+    title = f"same-person threshold {threshold}" if threshold is not None else "no threshold for this embedder"
+    return format_html(
+        '<span class="identity-badge identity-{}" style="{}" title="{}">identity {}</span>',
+        "same" if same else "low", BADGE_STYLE + colour, title, f"{output.identity_similarity:.3f}",
+    )  # fmt: skip
+
+
+BADGE_STYLE = "display:inline-block;padding:1px 6px;border-radius:8px;color:#fff;font-size:11px;background:"
+
+
 @admin.register(Character)
 class CharacterAdmin(TenantScopedAdmin):
     form = CharacterForm
     list_display = ["face", "name", "tenant", "reference_count", "tag_list", "is_archived", "updated_at"]
     list_display_links = ["face", "name"]
-    list_filter = [TENANT_FILTER, "is_archived"]
-    search_fields = ["name", "slug", "description"]
+    list_filter = [TENANT_FILTER, "is_archived", TagFilter]
+    search_fields = ["=id", "name", "slug", "description"]
     prepopulated_fields = {"slug": ["name"]}
-    readonly_fields = ["generate_link", "train_link", "shotlist_link", "created_by", "created_by_api_key",
-                       "created_at", "updated_at"]  # fmt: skip
+    readonly_fields = ["generate_link", "train_link", "shotlist_link", "generations_gallery", "lora_versions", "spend",
+                       "created_by", "created_by_api_key", "created_at", "updated_at"]  # fmt: skip
     inlines = [ReferenceImageInline]
 
     @admin.display(description="Generate")
@@ -121,6 +154,90 @@ class CharacterAdmin(TenantScopedAdmin):
             return "Save the character first."
         url = reverse("admin:shotlists_shotlist_new", args=[obj.pk])
         return format_html('<a class="button" href="{}">Shot list…</a>', url)
+
+    @admin.display(description="Generations")
+    def generations_gallery(self, obj):
+        """The character's newest renders, each linking to its job, with its identity score."""
+        from characters.faces import embedder_infos
+        from generation.selectors import character_outputs
+
+        if obj.pk is None:
+            return "—"
+        outputs = list(character_outputs(tenant_id=obj.tenant_id, character_id=obj.pk))
+        if not outputs:
+            return "No renders yet."
+        infos = embedder_infos()
+        figures = format_html_join(
+            "",
+            '<figure style="margin:0;width:136px"><a href="{}"><img src="{}" alt="generation #{} image {}" '
+            'style="width:128px;height:128px;object-fit:cover;border:1px solid #ccc"></a>'
+            '<figcaption style="font-size:11px">{} #{} {}</figcaption></figure>',
+            (
+                (
+                    reverse("admin:generation_generationjob_change", args=[output.job_id]),
+                    reverse("admin:generation_output_image", args=[output.pk]),
+                    output.job_id, output.index + 1,
+                    identity_badge(output, threshold=getattr(infos.get(output.job.embedder), "match_threshold", None)),
+                    output.job_id, output.job.method,
+                )  # fmt: skip
+                for output in outputs
+            ),
+        )
+        all_url = reverse("admin:generation_generationjob_changelist") + f"?character__id__exact={obj.pk}"
+        return format_html(
+            '<div class="generation-gallery" style="display:flex;flex-wrap:wrap;gap:8px">{}</div>'
+            '<p><a href="{}">All generations of {}</a></p>',
+            figures, all_url, obj.name,
+        )  # fmt: skip
+
+    @admin.display(description="LoRA versions")
+    def lora_versions(self, obj):
+        from training.selectors import character_lora_versions
+
+        if obj.pk is None:
+            return "—"
+        versions = list(character_lora_versions(tenant_id=obj.tenant_id, character_id=obj.pk))
+        if not versions:
+            return "No LoRA versions yet."
+        rows = format_html_join(
+            "",
+            '<tr><td><a href="{}">v{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>',
+            (
+                (
+                    reverse("admin:training_loraartifact_change", args=[v.pk]), v.version, v.base_model,
+                    v.lora_format, v.rank or "—", v.trigger_token or "—", v.get_source_display(),
+                    "in use" if v.is_selected else "",
+                )  # fmt: skip
+                for v in versions
+            ),
+        )
+        return format_html(
+            '<table class="lora-versions"><thead><tr><th>Version</th><th>Base</th><th>Format</th><th>Rank</th>'
+            "<th>Trigger</th><th>Source</th><th></th></tr></thead><tbody>{}</tbody></table>",
+            rows,
+        )
+
+    @admin.display(description="Spend (USD)")
+    def spend(self, obj):
+        from usage.money import exact
+        from usage.selectors import character_spend
+
+        if obj.pk is None:
+            return "—"
+        spend = character_spend(tenant_id=obj.tenant_id, character_id=obj.pk)
+        methods = format_html_join(
+            ", ", "{} ${} ({} events)", ((m["method"], exact(m["cost"]), m["events"]) for m in spend["by_method"])
+        )
+        unbilled = exact(spend["unbilled"]) if spend["unbilled"] else None
+        ledger_url = reverse("admin:usage_usageevent_changelist") + f"?character_id={obj.pk}"
+        return format_html(
+            '<p class="character-spend">This month ${}, all time ${} over {} usage events{}{}. '
+            '<a href="{}">Usage events</a></p>',
+            exact(spend["this_month"]), exact(spend["total"]), spend["events"],
+            format_html(" — {}", methods) if spend["by_method"] else "",
+            format_html("; not billed (failures on our side) ${}", unbilled) if unbilled else "",
+            ledger_url,
+        )  # fmt: skip
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(reference_total=Count("references"))

@@ -3,6 +3,7 @@ from django.http import FileResponse, Http404
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
+from alkemy.admin_jobs import LiveJobStatusAdmin
 from alkemy.errors import AlkemyError
 from alkemy.jobs import JobStatus
 from alkemy.tenancy.admin_base import TENANT_FILTER, TenantScopedAdmin, TenantScopedInline
@@ -30,14 +31,18 @@ class GeneratedImageInline(TenantScopedInline, admin.TabularInline):
 
 
 @admin.register(GenerationJob)
-class GenerationJobAdmin(TenantScopedAdmin):
-    list_display = ["id", "character", "method", "status", "progress_percent", "attempt", "tenant", "queued_at",
+class GenerationJobAdmin(LiveJobStatusAdmin, TenantScopedAdmin):
+    list_display = ["id", "character", "method", "live_status", "live_progress", "attempt", "tenant", "queued_at",
                     "device_seconds"]  # fmt: skip
-    list_filter = ["status", "method", TENANT_FILTER]
-    search_fields = ["prompt", "character__name"]
-    readonly_fields = [f.name for f in GenerationJob._meta.fields] + ["queue_wait_seconds", "run_seconds", "cost"]
+    list_filter = ["status", "method", "error_code", TENANT_FILTER]
+    search_fields = ["=id", "prompt", "character__name", "character__slug", "idempotency_key"]
+    date_hierarchy = "queued_at"
+    # nothing of a job is edited by hand: the request is what was validated, the rest is the worker's record
+    readonly_fields = [f.name for f in GenerationJob._meta.fields] + [
+        "live_status", "live_progress", "queue_wait_seconds", "run_seconds", "cost",
+    ]  # fmt: skip
     fieldsets = [
-        ("Status", {"fields": ["status", "progress", ("current_step", "total_steps"), "cancel_requested",
+        ("Status", {"fields": ["live_status", "live_progress", ("current_step", "total_steps"), "cancel_requested",
                                ("error_code", "error_message"), "error_details"]}),
         ("Request", {"fields": ["tenant", "character", "method", "prompt", "negative_prompt", ("width", "height"),
                                 ("steps", "guidance", "seed", "num_images"), "params", ("lora", "style_lora"),
@@ -66,10 +71,6 @@ class GenerationJobAdmin(TenantScopedAdmin):
         estimate = f"estimated {cost['estimated']}; " if cost["estimated"] else ""
         total = f"billed {cost['total']} (${cost['total_usd']})"
         return format_html("<p>{}{}</p><table>{}</table>", estimate, total, rows)
-
-    @admin.display(description="Progress")
-    def progress_percent(self, obj):
-        return f"{obj.progress * 100:.0f}%"
 
     def has_delete_permission(self, request, obj=None):
         if obj is not None and obj.status in (JobStatus.QUEUED, JobStatus.RUNNING):

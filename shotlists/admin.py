@@ -58,7 +58,8 @@ class ShotListForm(forms.Form):
 class ShotListAdmin(TenantScopedAdmin):
     list_display = ["id", "name", "tenant", "status", "progress_percent", "job_count", "methods", "created_at"]
     list_filter = [TENANT_FILTER]
-    search_fields = ["name"]
+    search_fields = ["=id", "name", "idempotency_key"]
+    date_hierarchy = "created_at"
     readonly_fields = ["name", "tenant", "methods", "images_per_shot", "character_ids", "status", "progress_percent",
                        "contact_sheet", "report_table", "job_links", "created_at"]  # fmt: skip
     fields = readonly_fields

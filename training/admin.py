@@ -6,6 +6,7 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
 
+from alkemy.admin_jobs import LiveJobStatusAdmin
 from alkemy.errors import AlkemyError
 from alkemy.jobs import JobStatus
 from alkemy.tenancy.admin_base import TENANT_FILTER, TenantScopedAdmin
@@ -17,8 +18,8 @@ from training.models import BaseModel, LoraArtifact, StyleLora, TrainingJob
 @admin.register(LoraArtifact)
 class LoraArtifactAdmin(TenantScopedAdmin):
     list_display = ["character", "version", "base_model", "lora_format", "rank", "is_selected", "source", "created_at"]
-    list_filter = ["base_model", "source", TENANT_FILTER]
-    search_fields = ["character__name", "trigger_token"]
+    list_filter = ["base_model", "source", "is_selected", TENANT_FILTER]
+    search_fields = ["character__name", "character__slug", "trigger_token", "sha256"]
     readonly_fields = ["file", "sha256", "file_size", "lora_format", "rank", "version", "source", "is_selected",
                        "metadata", "created_by", "created_at"]  # fmt: skip
     # a version belongs to one character of one tenant for good; its file was checked against its base
@@ -57,6 +58,7 @@ class LoraArtifactAdmin(TenantScopedAdmin):
 class StyleLoraAdmin(TenantScopedAdmin):
     list_display = ["name", "tenant", "base_model", "lora_format", "rank", "created_at"]
     list_filter = ["base_model", TENANT_FILTER]
+    search_fields = ["name", "trigger_token", "sha256"]
     readonly_fields = ["file", "sha256", "file_size", "lora_format", "rank", "created_at"]
     immutable_fields = ("base_model",)
 
@@ -95,16 +97,18 @@ class TrainForm(forms.Form):
 
 
 @admin.register(TrainingJob)
-class TrainingJobAdmin(TenantScopedAdmin):
-    list_display = ["id", "character", "base_model", "status", "progress_percent", "loss", "lora", "attempt",
+class TrainingJobAdmin(LiveJobStatusAdmin, TenantScopedAdmin):
+    list_display = ["id", "character", "base_model", "live_status", "live_progress", "loss", "lora", "attempt",
                     "tenant", "queued_at", "device_seconds"]  # fmt: skip
-    list_filter = ["status", "base_model", TENANT_FILTER]
-    search_fields = ["character__name", "trigger_token"]
+    list_filter = ["status", "base_model", "error_code", TENANT_FILTER]
+    search_fields = ["=id", "character__name", "character__slug", "trigger_token", "idempotency_key"]
+    date_hierarchy = "queued_at"
     readonly_fields = [f.name for f in TrainingJob._meta.fields] + [
-        "queue_wait_seconds", "run_seconds", "loss_curve", "validation_preview",
+        "live_status", "live_progress", "queue_wait_seconds", "run_seconds", "loss_curve", "validation_preview",
     ]  # fmt: skip
     fieldsets = [
-        ("Status", {"fields": ["status", "progress", ("current_step", "total_steps"), ("loss", "steps_per_second"),
+        ("Status", {"fields": ["live_status", "live_progress", ("current_step", "total_steps"),
+                               ("loss", "steps_per_second"),
                                "loss_curve", "cancel_requested", ("error_code", "error_message"), "error_details"]}),
         ("Result", {"fields": ["lora", "validation_preview", ("validation_identity_similarity",
                                                               "validation_identity_reason")]}),
@@ -129,10 +133,6 @@ class TrainingJobAdmin(TenantScopedAdmin):
         if obj is not None and obj.status in (JobStatus.QUEUED, JobStatus.RUNNING):
             return False  # cancel first: a worker is writing its checkpoints
         return super().has_delete_permission(request, obj)
-
-    @admin.display(description="Progress")
-    def progress_percent(self, obj):
-        return f"{obj.progress * 100:.0f}%"
 
     @admin.display(description="Loss curve")
     def loss_curve(self, obj):

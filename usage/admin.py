@@ -66,6 +66,7 @@ class PriceRateInline(SuperuserOnlyMixin, admin.TabularInline):
 class PriceBookAdmin(SuperuserOnlyMixin, admin.ModelAdmin):
     list_display = ["name", "owner", "version", "effective_from", "used"]
     list_filter = [("tenant", admin.RelatedOnlyFieldListFilter)]
+    search_fields = ["name", "tenant__slug"]
     inlines = [PriceRateInline]
     actions = ["new_version"]
 
@@ -109,6 +110,8 @@ class PriceBookAdmin(SuperuserOnlyMixin, admin.ModelAdmin):
 class BudgetAdmin(TenantScopedAdmin):
     list_display = ["tenant", "monthly_limit", "limit_kind", "max_concurrent_jobs", "max_queued_jobs", "updated_at"]
     fields = ["tenant", "monthly_limit", "limit_kind", "max_concurrent_jobs", "max_queued_jobs", "method_limits"]
+    list_filter = ["limit_kind", TENANT_FILTER]
+    search_fields = ["tenant__slug", "tenant__name"]
 
     def get_readonly_fields(self, request, obj=None):
         return ["tenant"] if obj else []  # a budget never moves to another tenant
@@ -139,7 +142,9 @@ class ReadOnlyTenantAdmin(TenantScopedAdmin):
 class ReservationAdmin(ReadOnlyTenantAdmin):
     list_display = ["job_kind", "job_id", "tenant", "method", "gpu_class", "estimated_device_seconds",
                     "estimated_cost", "over_soft_limit", "created_at"]  # fmt: skip
-    list_filter = ["job_kind", "method", TENANT_FILTER]
+    list_filter = ["job_kind", "method", "over_soft_limit", TENANT_FILTER]
+    search_fields = ["=job_id", "method"]
+    date_hierarchy = "created_at"
 
 
 @admin.register(UsageEvent)
@@ -148,7 +153,7 @@ class UsageEventAdmin(ReadOnlyTenantAdmin):
     list_display = ["occurred_at", "tenant", "job", "meter", "gpu_class", "quantity", "unit_price", "cost",
                     "billable", "reason"]  # fmt: skip
     list_filter = ["meter", "billable", "job_kind", "method", TENANT_FILTER]
-    search_fields = ["idempotency_key", "character_name"]
+    search_fields = ["=job_id", "idempotency_key", "character_name"]
     date_hierarchy = "occurred_at"
 
     @admin.display(description="Job")

@@ -187,3 +187,26 @@ def job_cost(*, job_kind: str, job_id: int, tenant_id: int) -> dict:
             for e in events
         ],
     }  # fmt: skip
+
+
+def character_spend(*, tenant_id: int, character_id: int) -> dict:
+    """What a character's jobs cost: billable totals this month and overall, per method (all time), and the
+    unbilled cost of failures on our side. Money as Decimal."""
+    events = UsageEvent.objects.unscoped().filter(tenant_id=tenant_id, character_id=character_id)
+    start, end = month_bounds()
+    sums = {
+        "billed": Sum("cost", filter=Q(billable=True), default=ZERO),
+        "month": Sum("cost", filter=Q(billable=True, occurred_at__gte=start, occurred_at__lt=end), default=ZERO),
+        "unbilled": Sum("cost", filter=Q(billable=False), default=ZERO),
+        "events": Count("id"),
+    }
+    total = events.aggregate(**sums)
+    by_method = events.values("method").annotate(**sums).order_by("method")
+    return {
+        "total": total["billed"],
+        "this_month": total["month"],
+        "unbilled": total["unbilled"],
+        "events": total["events"],
+        "by_method": [{"method": row["method"] or "—", "cost": row["billed"], "events": row["events"]}
+                      for row in by_method],  # fmt: skip
+    }

@@ -139,7 +139,7 @@ class MembershipAdmin(TenantScopedAdmin):
 class ApiKeyAdmin(TenantScopedAdmin):
     manage_only = True  # keys are credentials: owners and admins only
     list_display = ["name", "tenant", "role", "display_prefix", "created_at", "last_used_at", "revoked_at"]
-    list_filter = [TENANT_FILTER, "role"]
+    list_filter = [TENANT_FILTER, "role", ("revoked_at", admin.EmptyFieldListFilter)]
     search_fields = ["name", "prefix", "tenant__slug"]
     readonly_fields = ["display_prefix", "created_by", "created_at", "last_used_at", "revoked_at"]
     fields = ["tenant", "name", "role", "display_prefix", "created_by", "created_at", "last_used_at", "revoked_at"]

@@ -30,6 +30,7 @@ class WebhookEndpointAdmin(TenantScopedAdmin):
     visible_to_managers_only = True  # a Slack-style URL is a bearer secret
     list_display = ["url", "tenant", "events", "is_active", "created_at"]
     list_filter = [TENANT_FILTER, "is_active"]
+    search_fields = ["url"]
     readonly_fields = ["secret_hint", "created_at"]
 
     def delete_model(self, request, obj):
@@ -89,6 +90,8 @@ class WebhookDeliveryAdmin(TenantScopedAdmin):
         "created_at",
     ]
     list_filter = ["status", "event", TENANT_FILTER]
+    search_fields = ["=id", "event", "endpoint__url"]
+    date_hierarchy = "created_at"
     readonly_fields = [f.name for f in WebhookDelivery._meta.fields]
     inlines = [WebhookAttemptInline]
 
