@@ -8,6 +8,7 @@ from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
 
 from alkemy.api.base import TenantAPIView, TenantModelViewSet, TenantViewSet
+from alkemy.api.limits import PHOTO_UPLOAD
 from alkemy.api.schema import error_response
 from alkemy.tenancy.authentication import ApiKeyPrincipal
 from alkemy.tenancy.models import Role
@@ -113,6 +114,7 @@ class ReferenceViewSet(TenantViewSet):
 
     serializer_class = ReferenceImageSerializer
     parser_classes = [MultiPartParser, FormParser]
+    upload_limit = PHOTO_UPLOAD  # larger bodies are refused unread (alkemy/api/limits.py)
     pagination_class = None
 
     def character(self):
@@ -161,6 +163,7 @@ class ReferenceViewSet(TenantViewSet):
 
 class FaceSearchView(TenantAPIView):
     parser_classes = [MultiPartParser, FormParser]
+    upload_limit = PHOTO_UPLOAD
     # A search is a read that POSTs its photo: every role may search, viewers included.
     write_roles = frozenset(Role)
 

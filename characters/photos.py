@@ -9,6 +9,7 @@ import hashlib
 import io
 import struct
 import warnings
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,8 +34,12 @@ _UPRIGHT = {
 }
 
 
+_SIXTEEN_BIT_GREY = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+
+
 def oriented(image: Image.Image) -> Image.Image:
-    """The image turned upright by its EXIF Orientation; everyone who reads a stored photo must use this.
+    """The image turned upright by its EXIF Orientation (and 16-bit grey as 8-bit); everyone who reads a stored
+    photo must use this.
 
     Not `ImageOps.exif_transpose`: besides turning the pixels it rewrites the EXIF block, which raises
     `struct.error` when another tag has an unexpected type (PlanarConfiguration stored as ASCII), and we
@@ -45,6 +50,8 @@ def oriented(image: Image.Image) -> Image.Image:
     except (struct.error, ValueError, TypeError, KeyError, IndexError, OSError, SyntaxError):
         orientation = 1
     method = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    if image.mode in _SIXTEEN_BIT_GREY:  # 16-bit grey PNG: convert("RGB") would clip it to white; scale to 8 bits
+        image = Image.fromarray(np.clip(np.asarray(image, dtype=np.int64) // 257, 0, 255).astype(np.uint8), "L")
     return image.transpose(method) if method is not None else image
 
 
@@ -80,6 +87,16 @@ def read_upload(upload, *, max_bytes: int | None = None) -> bytes:
     return data
 
 
+def _is_zip(data: bytes) -> bool:
+    """Whether a zip reader opens `data` as an archive with entries (an image+zip polyglot); the central
+    directory must be valid, so stray bytes that look like a zip end record do not count."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            return bool(archive.infolist())
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, NotImplementedError):
+        return False
+
+
 def load_photo(data: bytes, *, max_pixels: int | None = None) -> Photo:
     """Validate and decode photo bytes; raises Unprocessable with a specific code."""
     max_pixels = max_pixels or settings.ALKEMY_MAX_IMAGE_PIXELS
@@ -94,6 +111,20 @@ def load_photo(data: bytes, *, max_pixels: int | None = None) -> Photo:
                     code="unsupported_image_format",
                     field="image",
                     details={"format": image_format, "accepted": sorted(ACCEPTED_FORMATS)},
+                )
+            if getattr(image, "n_frames", 1) > 1:  # animated WebP, APNG: a reference is one still photo
+                raise Unprocessable(
+                    "Animated images are not accepted; send one still photo (JPEG, PNG or WebP).",
+                    code="unsupported_image_format",
+                    field="image",
+                    details={"format": image_format, "animated": True, "accepted": sorted(ACCEPTED_FORMATS)},
+                )
+            if _is_zip(data):
+                raise Unprocessable(
+                    "The file is an image and a zip archive at once; send the photo alone.",
+                    code="invalid_image",
+                    field="image",
+                    details={"polyglot": "zip"},
                 )
             width, height = image.size
             if width * height > max_pixels:

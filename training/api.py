@@ -7,6 +7,7 @@ from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
 
 from alkemy.api.base import TenantViewSet
+from alkemy.api.limits import LORA_UPLOAD
 from alkemy.api.parsers import JSONParser
 from alkemy.errors import NotFound
 from characters.selectors import character_get
@@ -52,6 +53,7 @@ class CharacterLoraViewSet(TenantViewSet):
 
     serializer_class = LoraArtifactSerializer
     parser_classes = [MultiPartParser, FormParser, JSONParser]
+    upload_limit = LORA_UPLOAD  # larger bodies are refused unread (alkemy/api/limits.py)
     pagination_class = None
 
     def character(self):
@@ -100,6 +102,7 @@ class StyleLoraViewSet(TenantViewSet):
 
     serializer_class = StyleLoraSerializer
     parser_classes = [MultiPartParser, FormParser]
+    upload_limit = LORA_UPLOAD
     pagination_class = None
 
     def tenant_queryset(self):
