@@ -137,7 +137,8 @@ def test_rate_limits_are_in_the_openapi_schema(studio_a):
 
 
 @pytest.fixture
-def staff(db):
+def staff(db, settings):
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # the throttle is under test
     return get_user_model().objects.create_user("carol", "carol@example.com", "right-password-1", is_staff=True)
 
 
