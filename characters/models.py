@@ -75,8 +75,9 @@ class ReferenceImage(TenantOwnedModel):
 
 
 class FaceEmbedding(TenantOwnedModel):
-    """One reference's face embedding. `embedding` is an untyped vector: dimensions vary by embedder,
-    and each embedder has its own partial expression HNSW index (see migration 0003)."""
+    """One reference's face embedding. `embedding` is an untyped vector (dimensions vary by embedder),
+    stored inline (`STORAGE MAIN`, migration 0007) so exact scans read no TOAST; tenants with many
+    rows get their own partial HNSW index (characters/search.py)."""
 
     tenant = models.ForeignKey("tenancy.Tenant", on_delete=models.CASCADE, related_name="face_embeddings")
     character = models.ForeignKey(Character, on_delete=models.CASCADE, related_name="face_embeddings")
@@ -101,7 +102,10 @@ class FaceEmbedding(TenantOwnedModel):
 
 
 class CharacterIdentity(TenantOwnedModel):
-    """A character's identity for one embedder: the renormalised mean of its reference embeddings."""
+    """A character's identity for one embedder: the renormalised mean of its reference embeddings.
+
+    The table also has `embedding_bits`, a stored generated column `binary_quantize(embedding)`
+    (migration 0007) that PostgreSQL computes on every write; only the platform-wide search reads it."""
 
     tenant = models.ForeignKey("tenancy.Tenant", on_delete=models.CASCADE, related_name="character_identities")
     character = models.ForeignKey(Character, on_delete=models.CASCADE, related_name="identities")

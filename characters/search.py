@@ -1,20 +1,34 @@
-"""Nearest-character search in pgvector.
+"""Nearest-character search in pgvector, with the plan chosen here, not by the planner.
 
-Embeddings sit in one untyped `vector` column (full precision); each embedder has a partial
-expression HNSW index over a half-precision cast,
-`((embedding::halfvec(D)) halfvec_cosine_ops) WHERE embedder = '<name>'` (migration 0004 says
-why). The queries below order by exactly that cast and predicate (as literals: both come from
-the embedder registry, never from the request), or PostgreSQL cannot use the index; the
-similarity of each returned row is computed at full precision.
+The tenant is the unit of the index. A search of one tenant's rows runs one of two plans, and the
+application picks which (bench/README.md has the measurements behind every number here):
 
-Tenant filters run with `hnsw.iterative_scan = relaxed_order` (pgvector 0.8): the index keeps
-scanning until enough rows of the tenant are found, so a small tenant inside a large database
-still gets `limit` results. Relaxed order can return rows slightly out of order, so results are
-re-sorted here.
+* **exact**: the tenant's rows are read through the `(tenant_id, embedder)` B-tree and sorted by
+  their full-precision similarity. Reference vectors are stored inline (`STORAGE MAIN`, migration
+  0007), so this costs no TOAST lookup per row; it is the plan below `min_rows` rows.
+* **hnsw**: a tenant with at least `min_rows` rows of one embedder gets its own partial HNSW index,
+  `((embedding::halfvec(D)) halfvec_cosine_ops) WHERE embedder = '<name>' AND tenant_id = <id>`,
+  built by `tenant_indexes_sync` (a schedule every few minutes, `manage.py sync_search_indexes`,
+  migration 0007). Its graph holds only that tenant's rows, so its recall does not fall as the
+  whole database grows. The query orders by exactly that cast with the tenant id as a literal (or
+  PostgreSQL cannot prove the index's predicate) and turns off the plans that would sort instead.
+
+The choice is "does a valid index of this tenant exist?": a tenant that just crossed the threshold
+is searched exactly (correct, slower) until its index is built. The tenant id is always in the
+WHERE clause of either plan; an index scan can only return rows of the index's own tenant.
+
+**Platform-wide** search (`platform_nearest_characters`, superusers only: duplicates across studios)
+scans every identity's binary quantisation (`embedding_bits`, a stored generated column,
+`binary_quantize(embedding)`, 64 bytes for 512-d) by Hamming distance, keeps a shortlist and
+re-ranks it at full precision; then each found character's best reference is read exactly.
+(ArcFace only: dlib's uncentred descriptors are scanned exactly, see BINARY_SHORTLIST_EMBEDDERS.)
+
+Literal SQL: embedder names come from the registry and tenant ids are ints, never request text.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,8 +37,22 @@ from django.db import connection, transaction
 
 from characters.faces import embedder_infos
 
-#: candidates the HNSW scan keeps; bench/search.py: identity recall 0.99+ at 100k from 200 on
+logger = logging.getLogger(__name__)
+
+#: candidates the HNSW scan keeps; bench/search.py: per-tenant graphs reach identity recall 0.99+ here
 EF_SEARCH = 200
+#: graph parameters of every per-tenant index
+HNSW_M, HNSW_EF_CONSTRUCTION = 16, 64
+#: table short name -> table
+TABLES = {"faceemb": "characters_faceembedding", "identity": "characters_characteridentity"}
+#: rows of one tenant and embedder from which the tenant gets its own HNSW index over that table
+#: (settings.ALKEMY_SEARCH_INDEX_MIN_ROWS overrides); below half of it the index is dropped again.
+#: Exact scans stay under ~5 ms below these counts (bench/README.md, "Choosing the plan").
+MIN_ROWS = {"faceemb": 2000, "identity": 500}
+#: binary-quantised shortlist re-ranked at full precision by the platform-wide search
+PLATFORM_SHORTLIST = 100
+#: advisory lock key held while indexes are created or dropped (one sync at a time)
+SYNC_LOCK = 0x616C6B73  # "alks"
 
 
 @dataclass(frozen=True)
@@ -32,6 +60,25 @@ class Neighbour:
     character_id: int
     reference_id: int | None
     similarity: float
+
+
+@dataclass(frozen=True)
+class PlatformNeighbour:
+    tenant_id: int
+    character_id: int
+    similarity: float  # of the character's identity
+    reference_id: int | None  # its best reference, and that reference's similarity
+    reference_similarity: float | None
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """What one tenant search runs: `strategy` is "exact" or "hnsw" (then `index` names the index)."""
+
+    strategy: str
+    index: str | None
+    sql: str
+    settings: tuple[str, ...]
 
 
 def vector_literal(vector: np.ndarray) -> str:
@@ -45,20 +92,29 @@ def _checked(embedder: str) -> int:
     return infos[embedder].dims
 
 
-def reference_search_sql(embedder: str, *, exclude_character: bool = False) -> str:
-    """SQL of the per-reference nearest-neighbour query (also used by EXPLAIN in the tests)."""
-    dims = _checked(embedder)
-    exclude = "AND character_id <> %(exclude)s" if exclude_character else ""
+def min_rows() -> dict[str, int]:
+    return {**MIN_ROWS, **getattr(settings, "ALKEMY_SEARCH_INDEX_MIN_ROWS", {})}
+
+
+def tenant_index_name(table: str, tenant_id: int, embedder: str) -> str:
+    """`faceemb_t42_dlib`: the per-tenant HNSW index of table short name `table` (<= 63 characters)."""
+    if table not in TABLES:
+        raise ValueError(f"unknown table {table!r}")
+    return f"{table}_t{int(tenant_id)}_{embedder}"
+
+
+def tenant_index_sql(table: str, tenant_id: int, embedder: str, dims: int, *, concurrently: bool) -> str:
     return (
-        f"SELECT character_id, reference_id, {_similarity(dims)} AS similarity "
-        f"FROM characters_faceembedding "
-        f"WHERE embedder = '{embedder}' AND tenant_id = %(tenant)s {exclude} "
-        f"ORDER BY {_index_distance(dims)} LIMIT %(candidates)s"
+        f"CREATE INDEX {'CONCURRENTLY ' if concurrently else ''}IF NOT EXISTS "
+        f"{tenant_index_name(table, tenant_id, embedder)} ON {TABLES[table]} USING hnsw "
+        f"((embedding::halfvec({dims})) halfvec_cosine_ops) "
+        f"WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION}) "
+        f"WHERE embedder = '{embedder}' AND tenant_id = {int(tenant_id)}"
     )
 
 
 def _index_distance(dims: int) -> str:
-    """The expression the HNSW indexes are built on (migration 0004)."""
+    """The expression every per-tenant HNSW index is built on."""
     return f"embedding::halfvec({dims}) <=> %(query)s::halfvec({dims})"
 
 
@@ -66,22 +122,90 @@ def _similarity(dims: int) -> str:
     return f"1 - (embedding::vector({dims}) <=> %(query)s::vector({dims}))"
 
 
-def identity_search_sql(embedder: str) -> str:
-    dims = _checked(embedder)
-    return (
-        f"SELECT character_id, NULL, {_similarity(dims)} AS similarity "
-        f"FROM characters_characteridentity "
-        f"WHERE embedder = '{embedder}' AND tenant_id = %(tenant)s AND character_id <> %(exclude)s "
-        f"ORDER BY {_index_distance(dims)} LIMIT %(candidates)s"
+def _valid_index(cursor, name: str) -> bool:
+    cursor.execute(
+        "SELECT indisvalid AND indisready FROM pg_index WHERE indexrelid = to_regclass(%(name)s)", {"name": name}
     )
+    row = cursor.fetchone()
+    return bool(row and row[0])
 
 
-def _run(sql: str, params: dict) -> list[tuple]:
-    with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
-        cursor.execute(f"SET LOCAL hnsw.ef_search = {int(EF_SEARCH)}")
-        cursor.execute(sql, params)
-        return cursor.fetchall()
+def plan_search(cursor, *, table: str, tenant_id: int, embedder: str, exclude_character: bool = False) -> SearchPlan:
+    """The SQL and settings of one tenant search (also what the tests EXPLAIN)."""
+    dims = _checked(embedder)
+    tenant_id = int(tenant_id)
+    index = tenant_index_name(table, tenant_id, embedder)
+    hnsw = _valid_index(cursor, index)
+    reference = "reference_id" if table == "faceemb" else "NULL"
+    exclude = "AND character_id <> %(exclude)s " if exclude_character else ""
+    order = _index_distance(dims) if hnsw else "similarity DESC"
+    sql = (
+        f"SELECT character_id, {reference}, {_similarity(dims)} AS similarity FROM {TABLES[table]} "
+        f"WHERE embedder = '{embedder}' AND tenant_id = {tenant_id} {exclude}"
+        f"ORDER BY {order} LIMIT %(candidates)s"
+    )
+    if hnsw:
+        pinned = (
+            "SET LOCAL enable_seqscan = off",
+            "SET LOCAL enable_bitmapscan = off",
+            "SET LOCAL enable_sort = off",
+            # only the excluded character can be filtered out: relaxed order keeps scanning past it
+            "SET LOCAL hnsw.iterative_scan = relaxed_order",
+            f"SET LOCAL hnsw.ef_search = {int(EF_SEARCH)}",
+        )
+        return SearchPlan("hnsw", index, sql, pinned)
+    return SearchPlan("exact", None, sql, ("SET LOCAL enable_seqscan = off",))
+
+
+def run_search(cursor, plan: SearchPlan, params: dict) -> list[tuple]:
+    """Run `plan` inside the caller's transaction (the settings are SET LOCAL)."""
+    cursor.execute("; ".join(plan.settings))  # one round trip
+    cursor.execute(plan.sql, params)
+    return cursor.fetchall()
+
+
+def search_references(
+    cursor, *, tenant_id: int, embedder: str, vector: np.ndarray, limit: int, exclude_character_id: int | None = None
+) -> list[Neighbour]:
+    """The tenant's characters nearest to `vector`, best reference per character, best first.
+
+    Runs on `cursor` inside the caller's transaction (bench/search.py calls it on its own connection)."""
+    plan = plan_search(
+        cursor,
+        table="faceemb",
+        tenant_id=tenant_id,
+        embedder=embedder,
+        exclude_character=exclude_character_id is not None,
+    )
+    params = {
+        "query": vector_literal(vector),
+        "exclude": exclude_character_id,
+        # each character has at most MAX_REFERENCES rows, so this many rows hold `limit` characters
+        "candidates": limit * max(settings.ALKEMY_MAX_REFERENCES, 1),
+    }
+    best: dict[int, Neighbour] = {}
+    # relaxed order can return rows slightly out of order: sort again
+    for character_id, reference_id, similarity in sorted(run_search(cursor, plan, params), key=lambda r: -r[2]):
+        if character_id not in best:
+            best[character_id] = Neighbour(character_id, reference_id, float(similarity))
+    return list(best.values())[:limit]
+
+
+def search_identities(
+    cursor, *, tenant_id: int, embedder: str, vector: np.ndarray, limit: int, exclude_character_id: int | None = None
+) -> list[Neighbour]:
+    """The tenant's characters whose identity is nearest to `vector`, best first (same plans)."""
+    plan = plan_search(
+        cursor,
+        table="identity",
+        tenant_id=tenant_id,
+        embedder=embedder,
+        exclude_character=exclude_character_id is not None,
+    )
+    # a few more candidates than asked: the half-precision graph order is re-sorted at full precision
+    params = {"query": vector_literal(vector), "exclude": exclude_character_id, "candidates": max(limit, 40)}
+    rows = run_search(cursor, plan, params)
+    return sorted((Neighbour(c, None, float(s)) for c, _, s in rows), key=lambda n: -n.similarity)[:limit]
 
 
 def nearest_characters(
@@ -94,20 +218,16 @@ def nearest_characters(
     exclude_character_id: int | None = None,
 ) -> list[Neighbour]:
     """The tenant's characters nearest to `vector`, best reference per character, best first."""
-    params = {
-        "query": vector_literal(vector),
-        "tenant": tenant_id,
-        "exclude": exclude_character_id,
-        # each character has at most MAX_REFERENCES rows, so this many rows hold `limit` characters
-        "candidates": limit * max(settings.ALKEMY_MAX_REFERENCES, 1),
-    }
-    rows = _run(reference_search_sql(embedder, exclude_character=exclude_character_id is not None), params)
-    best: dict[int, Neighbour] = {}
-    for character_id, reference_id, similarity in sorted(rows, key=lambda row: -row[2]):
-        if character_id not in best:
-            best[character_id] = Neighbour(character_id, reference_id, float(similarity))
-    results = [n for n in best.values() if min_similarity is None or n.similarity >= min_similarity]
-    return results[:limit]
+    with transaction.atomic(), connection.cursor() as cursor:
+        found = search_references(
+            cursor,
+            tenant_id=tenant_id,
+            embedder=embedder,
+            vector=vector,
+            limit=limit,
+            exclude_character_id=exclude_character_id,
+        )
+    return [n for n in found if min_similarity is None or n.similarity >= min_similarity]
 
 
 def similar_identities(
@@ -120,13 +240,145 @@ def similar_identities(
     limit: int = 10,
 ) -> list[Neighbour]:
     """Other characters whose identity is at least `min_similarity` to `vector` (duplicate hunting)."""
-    params = {
-        "query": vector_literal(vector),
-        "tenant": tenant_id,
-        "exclude": exclude_character_id,
-        "candidates": limit,
-    }
-    rows = _run(identity_search_sql(embedder), params)
-    return sorted(
-        (Neighbour(c, None, float(s)) for c, _, s in rows if s >= min_similarity), key=lambda n: -n.similarity
+    with transaction.atomic(), connection.cursor() as cursor:
+        found = search_identities(
+            cursor,
+            tenant_id=tenant_id,
+            embedder=embedder,
+            vector=vector,
+            limit=limit,
+            exclude_character_id=exclude_character_id,
+        )
+    return [n for n in found if n.similarity >= min_similarity]
+
+
+# --- platform-wide (superusers only) ----------------------------------------------------------
+
+
+#: embedders whose vectors are centred on the origin (ArcFace), so the sign bits of `binary_quantize`
+#: spread strangers apart; dlib's descriptors share one large mean direction (strangers score
+#: 0.80-0.91), their bits say little, and their platform-wide search is an exact scan instead
+BINARY_SHORTLIST_EMBEDDERS = frozenset({"arcface_antelopev2", "arcface_buffalo_l"})
+
+
+def platform_search_sql(embedder: str) -> str:
+    dims = _checked(embedder)
+    if embedder not in BINARY_SHORTLIST_EMBEDDERS:
+        return (
+            f"SELECT tenant_id, character_id, {_similarity(dims)} AS similarity FROM characters_characteridentity "
+            f"WHERE embedder = '{embedder}' ORDER BY similarity DESC LIMIT %(limit)s"
+        )
+    return (
+        f"SELECT tenant_id, character_id, {_similarity(dims)} AS similarity FROM characters_characteridentity "
+        f"WHERE id = ANY(ARRAY(SELECT id FROM characters_characteridentity WHERE embedder = '{embedder}' "
+        f"ORDER BY embedding_bits <~> binary_quantize(%(query)s::vector({dims})) LIMIT %(shortlist)s)) "
+        f"ORDER BY similarity DESC LIMIT %(limit)s"
     )
+
+
+def best_references_sql(embedder: str) -> str:
+    dims = _checked(embedder)
+    return (
+        f"SELECT DISTINCT ON (character_id) character_id, reference_id, {_similarity(dims)} AS similarity "
+        f"FROM characters_faceembedding WHERE embedder = '{embedder}' AND character_id = ANY(%(characters)s) "
+        f"ORDER BY character_id, similarity DESC"
+    )
+
+
+def search_platform(
+    cursor, *, embedder: str, vector: np.ndarray, limit: int, shortlist: int = PLATFORM_SHORTLIST
+) -> list[PlatformNeighbour]:
+    """Every tenant's characters nearest to `vector` by identity, with each one's best reference.
+
+    Runs on `cursor`; never call it for a tenant: it crosses tenants by design."""
+    query = vector_literal(vector)
+    cursor.execute(platform_search_sql(embedder), {"query": query, "shortlist": max(shortlist, limit), "limit": limit})
+    found = [(int(t), int(c), float(s)) for t, c, s in cursor.fetchall()]
+    best: dict[int, tuple[int, float]] = {}
+    if found:
+        cursor.execute(best_references_sql(embedder), {"query": query, "characters": [c for _, c, _ in found]})
+        best = {int(c): (int(r), float(s)) for c, r, s in cursor.fetchall()}
+    return [
+        PlatformNeighbour(t, c, s, *(best.get(c) or (None, None))) for t, c, s in sorted(found, key=lambda f: -f[2])
+    ]
+
+
+def platform_nearest_characters(
+    *, embedder: str, vector: np.ndarray, limit: int = 10, min_similarity: float | None = None
+) -> list[PlatformNeighbour]:
+    """Superusers only (`manage.py platform_face_search`): nearest characters across every tenant."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        found = search_platform(cursor, embedder=embedder, vector=vector, limit=limit)
+    return [n for n in found if min_similarity is None or n.similarity >= min_similarity]
+
+
+# --- per-tenant indexes -----------------------------------------------------------------------
+
+
+@dataclass
+class SyncReport:
+    created: list[str]
+    dropped: list[str]
+    kept: list[str]
+
+
+def sync_tenant_indexes(
+    cursor, *, concurrently: bool, thresholds: dict[str, int] | None = None, tenant_id: int | None = None
+) -> SyncReport:
+    """Create the per-tenant HNSW indexes tenants have grown into and drop those they shrank out of.
+
+    A tenant gets an index over a table at `thresholds[table]` rows of one embedder and loses it
+    below half of that. `concurrently` builds with CREATE INDEX CONCURRENTLY (needs autocommit);
+    an invalid index (an interrupted concurrent build) is dropped and built again."""
+    thresholds = {**min_rows(), **(thresholds or {})}
+    infos = embedder_infos()
+    report = SyncReport([], [], [])
+    cursor.execute("SELECT pg_try_advisory_lock(%(key)s)", {"key": SYNC_LOCK})
+    if not cursor.fetchone()[0]:
+        logger.info("another search-index sync is running")
+        return report
+    try:
+        for table, name in TABLES.items():
+            only = f"WHERE tenant_id = {int(tenant_id)} " if tenant_id is not None else ""
+            cursor.execute(f"SELECT tenant_id, embedder, count(*) FROM {name} {only}GROUP BY 1, 2")
+            counts = {(int(t), e): int(n) for t, e, n in cursor.fetchall()}
+            cursor.execute(
+                "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                "WHERE i.indrelid = %(table)s::regclass AND c.relname LIKE %(pattern)s",
+                {"table": name, "pattern": f"{table}\\_t%"},
+            )
+            existing = dict(cursor.fetchall())
+            wanted = {
+                tenant_index_name(table, t, e): (t, e)
+                for (t, e), n in counts.items()
+                if e in infos and n >= thresholds[table]
+            }
+            keep_until = {
+                tenant_index_name(table, t, e)
+                for (t, e), n in counts.items()
+                if e in infos and n >= thresholds[table] / 2
+            }
+            for index, valid in existing.items():
+                mine = tenant_id is None or index.startswith(f"{table}_t{int(tenant_id)}_")
+                if mine and (index not in keep_until or not valid):
+                    cursor.execute(f"DROP INDEX {'CONCURRENTLY ' if concurrently else ''}IF EXISTS {index}")
+                    report.dropped.append(index)
+                elif mine:
+                    report.kept.append(index)
+            for index, (t, e) in sorted(wanted.items(), key=lambda item: -counts[item[1]]):
+                if index in report.kept:
+                    continue
+                cursor.execute(tenant_index_sql(table, t, e, infos[e].dims, concurrently=concurrently))
+                report.created.append(index)
+                logger.info("built search index %s (%d rows)", index, counts[(t, e)])
+    finally:
+        cursor.execute("SELECT pg_advisory_unlock(%(key)s)", {"key": SYNC_LOCK})
+    return report
+
+
+def tenant_indexes_sync(*, tenant_id: int | None = None, thresholds: dict[str, int] | None = None) -> SyncReport:
+    """Django entry point of `sync_tenant_indexes` (schedule, management command, migration 0007)."""
+    with connection.cursor() as cursor:
+        return sync_tenant_indexes(
+            cursor, concurrently=not connection.in_atomic_block, thresholds=thresholds, tenant_id=tenant_id
+        )

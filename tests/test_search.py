@@ -1,14 +1,24 @@
-"""Search by face: transformed photos find their character, tenants stay apart, the index is used."""
+"""Search by face: transformed photos find their character, tenants stay apart, the plan is the one chosen."""
 
 import io
 
 import numpy as np
 import pytest
-from django.db import connection
+from django.core.management import call_command
+from django.db import connection, transaction
 from PIL import Image, ImageEnhance, ImageOps
 
-from characters.models import Character, FaceEmbedding, ReferenceImage
-from characters.search import nearest_characters, reference_search_sql, vector_literal
+from characters.models import Character, CharacterIdentity, FaceEmbedding, ReferenceImage
+from characters.search import (
+    nearest_characters,
+    plan_search,
+    platform_nearest_characters,
+    platform_search_sql,
+    similar_identities,
+    tenant_index_name,
+    tenant_indexes_sync,
+    vector_literal,
+)
 from characters.services import character_create, reference_add
 from tests import photos
 from tests.conftest import make_tenant
@@ -98,8 +108,8 @@ def test_similar_without_references_is_422(api_a, studio_a):
     assert response.json()["error"]["code"] == "no_identity"
 
 
-def _synthetic(tenant, count: int, centre: np.ndarray, spread: float, rng) -> None:
-    """`count` characters of `tenant` with one embedding each, scattered around `centre`."""
+def _synthetic(tenant, count: int, centre: np.ndarray, spread: float, rng) -> dict[int, np.ndarray]:
+    """`count` characters of `tenant`, one embedding and identity each, scattered around `centre`."""
     characters = Character.objects.unscoped().bulk_create(
         [Character(tenant=tenant, name=f"synthetic {tenant.slug} {i}", slug=f"syn-{i}") for i in range(count)]
     )
@@ -130,87 +140,212 @@ def _synthetic(tenant, count: int, centre: np.ndarray, spread: float, rng) -> No
             for c, r, v in zip(characters, references, vectors, strict=True)
         ]
     )
+    CharacterIdentity.objects.unscoped().bulk_create(
+        [
+            CharacterIdentity(tenant=tenant, character=c, embedder="dlib", dims=128, embedding=v, reference_count=1)
+            for c, v in zip(characters, vectors, strict=True)
+        ]
+    )
+    return {c.pk: v for c, v in zip(characters, vectors, strict=True)}
 
 
 @pytest.fixture
-def crowded_database(studio_a, studio_b):
-    """Tenant B: 2000 embeddings right around the query. Tenant A: 600 further away. Tenant C: 15."""
+def crowded_database(studio_a, studio_b, settings):
+    """Tenant B: 420 embeddings right around the query. Tenant A: 340 further away. Tenant C: 15.
+
+    With the thresholds lowered to 300 rows, A and B get their own HNSW indexes and C is searched exactly."""
+    settings.ALKEMY_SEARCH_INDEX_MIN_ROWS = {"faceemb": 300, "identity": 300}
     rng = np.random.default_rng(7)
     query = rng.standard_normal(128)
     query /= np.linalg.norm(query)
-    _synthetic(studio_b.tenant, 2000, query, 0.02, rng)
-    _synthetic(studio_a.tenant, 600, query, 0.15, rng)
     small = make_tenant("studio-c").tenant
-    _synthetic(small, 15, query, 0.15, rng)
+    vectors = {
+        studio_b.tenant.pk: _synthetic(studio_b.tenant, 420, query, 0.02, rng),
+        studio_a.tenant.pk: _synthetic(studio_a.tenant, 340, query, 0.15, rng),
+        small.pk: _synthetic(small, 15, query, 0.15, rng),
+    }
     with connection.cursor() as cursor:
         cursor.execute("ANALYZE characters_faceembedding")
-    return query, small
+        cursor.execute("ANALYZE characters_characteridentity")
+    report = sync()
+    return query, small, vectors, report
 
 
-def explain(sql: str, params: dict) -> str:
-    with connection.cursor() as cursor:
-        cursor.execute("EXPLAIN " + sql, params)
-        return "\n".join(row[0] for row in cursor.fetchall())
+def sync():
+    with connection.cursor() as cursor:  # fire the deferred FK checks first: no CREATE INDEX with pending triggers
+        cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+    return tenant_indexes_sync()
 
 
-def search_params(query, tenant, candidates=10) -> dict:
-    return {"query": vector_literal(query), "tenant": tenant.pk, "candidates": candidates}
+def explain(table: str, tenant_id: int, query: np.ndarray) -> tuple[str, str]:
+    """(strategy, EXPLAIN text) of the tenant search production runs, with its pinned settings."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        plan = plan_search(cursor, table=table, tenant_id=tenant_id, embedder="dlib")
+        cursor.execute("; ".join(plan.settings))
+        cursor.execute("EXPLAIN " + plan.sql, {"query": vector_literal(query), "candidates": 50})
+        return plan.strategy, "\n".join(row[0] for row in cursor.fetchall())
 
 
-def test_query_plan_uses_the_hnsw_index(crowded_database, studio_a, studio_b):
-    query, _ = crowded_database
+def exact_top(vectors: dict[int, np.ndarray], query: np.ndarray, limit: int = 10) -> list[int]:
+    ids = list(vectors)
+    scores = np.stack([vectors[i] for i in ids]) @ query
+    return [ids[i] for i in np.argsort(-scores, kind="stable")[:limit]]
+
+
+def probes(query: np.ndarray, vectors: dict[int, np.ndarray], rng) -> list[np.ndarray]:
+    """The crowd's centre, a few random directions and a few noisy copies of stored vectors."""
+    out = [query]
+    for _ in range(3):
+        v = rng.standard_normal(128)
+        out.append(v / np.linalg.norm(v))
+    for v in list(vectors.values())[:3]:
+        w = v + 0.05 * rng.standard_normal(128)
+        out.append(w / np.linalg.norm(w))
+    return out
+
+
+def test_large_tenants_get_their_own_index_and_small_ones_are_searched_exactly(crowded_database, studio_a, studio_b):
+    query, small, _, report = crowded_database
     for tenant in (studio_a.tenant, studio_b.tenant):
-        plan = explain(reference_search_sql("dlib"), search_params(query, tenant))
-        assert "Index Scan using faceemb_hnsw_dlib" in plan, plan
+        for table in ("faceemb", "identity"):
+            name = tenant_index_name(table, tenant.pk, "dlib")
+            assert name in report.created
+            strategy, plan = explain(table, tenant.pk, query)
+            assert strategy == "hnsw" and f"Index Scan using {name}" in plan and "Sort" not in plan, plan
+    for table in ("faceemb", "identity"):
+        strategy, plan = explain(table, small.pk, query)
+        assert strategy == "exact" and "_t" + str(small.pk) not in plan, plan
+        assert "Sort" in plan and "Seq Scan" not in plan and "tenant_id" in plan, plan
+    # no index of any other tenant can serve C, and a second sync changes nothing
+    again = sync()
+    assert again.created == [] and again.dropped == [] and len(again.kept) == 4
 
 
-def test_small_tenant_is_searched_exactly_through_its_tenant_index(crowded_database):
-    """Few rows of the tenant: the planner reads them by tenant and sorts (exact, no recall loss)."""
-    query, small = crowded_database
-    plan = explain(reference_search_sql("dlib"), search_params(query, small))
-    assert "faceemb_hnsw_dlib" not in plan and "tenant_id" in plan, plan
-    assert len(nearest_characters(tenant_id=small.pk, embedder="dlib", vector=query, limit=10)) == 10
+def test_pinned_plans_return_exactly_the_exact_top_results(crowded_database, studio_a, studio_b):
+    """HNSW (A, B: own index) and exact (C) plans give the same characters, in the same order, as brute force."""
+    query, small, vectors, _ = crowded_database
+    rng = np.random.default_rng(11)
+    for tenant_id in (studio_a.tenant.pk, studio_b.tenant.pk, small.pk):
+        own = vectors[tenant_id]
+        for probe in probes(query, own, rng):
+            found = nearest_characters(tenant_id=tenant_id, embedder="dlib", vector=probe, limit=10)
+            assert [n.character_id for n in found] == exact_top(own, probe), tenant_id
+            assert [round(n.similarity, 4) for n in found] == [
+                round(float(own[c] @ probe), 4) for c in exact_top(own, probe)
+            ]
+            exclude = exact_top(own, probe)[0]
+            twins = similar_identities(
+                tenant_id=tenant_id,
+                embedder="dlib",
+                vector=probe,
+                exclude_character_id=exclude,
+                min_similarity=-1.0,
+                limit=5,
+            )
+            rest = {c: v for c, v in own.items() if c != exclude}
+            assert [n.character_id for n in twins] == exact_top(rest, probe, 5)
 
 
-def test_tenant_filter_still_returns_limit_results(crowded_database, studio_a, settings):
-    """B's rows crowd the query's neighbourhood; A's are further away but must still fill the limit."""
-    query, _ = crowded_database
-    settings.ALKEMY_MAX_REFERENCES = 1  # one candidate row per character: the index scan alone must supply 10
-    results = nearest_characters(tenant_id=studio_a.tenant.pk, embedder="dlib", vector=query, limit=10)
-    assert len(results) == 10
-    tenants = Character.objects.unscoped().filter(pk__in=[r.character_id for r in results]).values_list("tenant")
-    assert set(tenants) == {(studio_a.tenant.pk,)}
-    assert [r.similarity for r in results] == sorted((r.similarity for r in results), reverse=True)
-
-    # The same query forced through the HNSW index: with pgvector 0.8's iterative scan it fills the
-    # limit; without it, B's rows fill ef_search and it comes back short.
-    only_hnsw_left()
-    params = search_params(query, studio_a.tenant)
-    assert "Index Scan using faceemb_hnsw_dlib" in explain(reference_search_sql("dlib"), params)
-    with connection.cursor() as cursor:
-        cursor.execute("SET hnsw.ef_search = 40")
-        try:
-            cursor.execute("SET hnsw.iterative_scan = relaxed_order")
-            cursor.execute(reference_search_sql("dlib"), params)
-            assert len(cursor.fetchall()) == 10
-            cursor.execute("SET hnsw.iterative_scan = off")
-            cursor.execute(reference_search_sql("dlib"), params)
-            assert len(cursor.fetchall()) < 10
-        finally:
-            cursor.execute("RESET hnsw.iterative_scan")
-            cursor.execute("RESET hnsw.ef_search")
-            cursor.execute("RESET enable_seqscan")
-
-
-def only_hnsw_left() -> None:
-    """Drop the B-tree paths and sequential scans for this test (DDL rolls back with the test)."""
-    with connection.cursor() as cursor:
-        cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")  # fire the deferred FK checks of the inserts first
-        cursor.execute("ALTER TABLE characters_faceembedding DROP CONSTRAINT embedding_unique_per_reference_embedder")
-        cursor.execute(
-            "SELECT indexname FROM pg_indexes WHERE tablename = 'characters_faceembedding' "
-            "AND indexdef LIKE '%%btree%%' AND indexname NOT LIKE '%%pkey'"
+def test_search_never_returns_another_tenants_rows(crowded_database, studio_a, studio_b, settings):
+    """B's rows crowd the query's neighbourhood; A (own index) and C (exact) still get only their own."""
+    query, small, vectors, _ = crowded_database
+    settings.ALKEMY_MAX_REFERENCES = 1  # one candidate row per character: the scan alone must supply 10
+    for tenant_id in (studio_a.tenant.pk, small.pk, studio_b.tenant.pk):
+        results = nearest_characters(tenant_id=tenant_id, embedder="dlib", vector=query, limit=10)
+        assert len(results) == 10
+        assert {r.character_id for r in results} <= set(vectors[tenant_id])
+        tenants = Character.objects.unscoped().filter(pk__in=[r.character_id for r in results]).values_list("tenant")
+        assert set(tenants) == {(tenant_id,)}
+        assert [r.similarity for r in results] == sorted((r.similarity for r in results), reverse=True)
+        twins = similar_identities(
+            tenant_id=tenant_id, embedder="dlib", vector=query, exclude_character_id=0, min_similarity=-1, limit=20
         )
-        for (name,) in cursor.fetchall():
-            cursor.execute(f'DROP INDEX "{name}"')
-        cursor.execute("SET enable_seqscan = off")
+        assert len(twins) == min(20, len(vectors[tenant_id])) and {t.character_id for t in twins} <= set(
+            vectors[tenant_id]
+        )
+
+
+def test_a_shrinking_tenant_loses_its_index_and_a_broken_one_is_rebuilt(crowded_database, studio_a, studio_b):
+    query, _, vectors, _ = crowded_database
+    keep = list(vectors[studio_a.tenant.pk])[:140]  # below half the 300-row threshold
+    Character.objects.unscoped().filter(tenant=studio_a.tenant).exclude(pk__in=keep).delete()
+    with connection.cursor() as cursor:  # an interrupted CREATE INDEX CONCURRENTLY leaves an invalid index
+        cursor.execute(
+            "UPDATE pg_index SET indisvalid = false WHERE indexrelid = %s::regclass",
+            [tenant_index_name("faceemb", studio_b.tenant.pk, "dlib")],
+        )
+    assert explain("faceemb", studio_b.tenant.pk, query)[0] == "exact"  # never searched through it
+    report = sync()
+    assert sorted(report.dropped) == sorted(
+        [tenant_index_name(t, studio_a.tenant.pk, "dlib") for t in ("faceemb", "identity")]
+        + [tenant_index_name("faceemb", studio_b.tenant.pk, "dlib")]
+    )
+    assert report.created == [tenant_index_name("faceemb", studio_b.tenant.pk, "dlib")]
+    assert explain("faceemb", studio_a.tenant.pk, query)[0] == "exact"
+    assert explain("faceemb", studio_b.tenant.pk, query)[0] == "hnsw"
+    found = nearest_characters(tenant_id=studio_a.tenant.pk, embedder="dlib", vector=query, limit=10)
+    assert [n.character_id for n in found] == exact_top({c: vectors[studio_a.tenant.pk][c] for c in keep}, query)
+
+
+def test_platform_search_spans_tenants_for_operators_only(crowded_database, studio_a):
+    """dlib (uncentred descriptors): an exact scan over every tenant's identities, same order as brute force."""
+    query, small, vectors, _ = crowded_database
+    everyone = {c: v for per_tenant in vectors.values() for c, v in per_tenant.items()}
+    for probe in probes(query, vectors[small.pk], np.random.default_rng(5)):
+        found = platform_nearest_characters(embedder="dlib", vector=probe, limit=5)
+        assert [n.character_id for n in found] == exact_top(everyone, probe, 5)
+        assert all(n.reference_id is not None and n.reference_similarity is not None for n in found)
+    target = list(vectors[small.pk])[0]
+    out = io.StringIO()
+    call_command("platform_face_search", "--character", str(target), "--limit", "5", stdout=out)
+    lines = out.getvalue().splitlines()
+    assert lines and all("tenant studio-" in line for line in lines) and f"({target})" not in out.getvalue()
+
+
+def test_platform_search_of_arcface_shortlists_by_binary_codes(studio_a, studio_b):
+    """512-d centred identities in two tenants: the Hamming shortlist re-ranked at full precision finds
+    each query's own character first, from either tenant, like brute force."""
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((400, 512))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    characters = Character.objects.unscoped().bulk_create(
+        [Character(tenant=(studio_a, studio_b)[i % 2].tenant, name=f"arc {i}", slug=f"arc-{i}") for i in range(400)]
+    )
+    CharacterIdentity.objects.unscoped().bulk_create(
+        [
+            CharacterIdentity(
+                tenant_id=c.tenant_id,
+                character=c,
+                embedder="arcface_antelopev2",
+                dims=512,
+                embedding=v,
+                reference_count=1,
+            )
+            for c, v in zip(characters, centres, strict=True)
+        ]
+    )
+    assert "embedding_bits <~>" in platform_search_sql("arcface_antelopev2")
+    assert "embedding_bits" not in platform_search_sql("dlib")
+    for i in range(0, 400, 37):
+        probe = centres[i] + 0.7 * rng.standard_normal(512) / np.sqrt(512)
+        probe /= np.linalg.norm(probe)
+        found = platform_nearest_characters(embedder="arcface_antelopev2", vector=probe, limit=5)
+        assert found[0].character_id == characters[i].pk and found[0].tenant_id == characters[i].tenant_id
+        assert found[0].similarity == pytest.approx(float(centres[i] @ probe), abs=1e-5)
+        assert found[0].reference_id is None  # no references: identities only
+
+
+def test_reference_vectors_are_stored_inline_and_identities_carry_their_bits(studio_a):
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT attstorage FROM pg_attribute WHERE attrelid = 'characters_faceembedding'::regclass "
+            "AND attname = 'embedding'"
+        )
+        assert cursor.fetchone() == ("m",)
+        cursor.execute(
+            "SELECT attgenerated FROM pg_attribute WHERE attrelid = 'characters_characteridentity'::regclass "
+            "AND attname = 'embedding_bits'"
+        )
+        assert cursor.fetchone() == ("s",)
+        cursor.execute("SELECT count(*) FROM pg_indexes WHERE indexname ~ '^(faceemb|identity)_hnsw'")
+        assert cursor.fetchone() == (0,)  # the per-embedder indexes of 0004 are gone
