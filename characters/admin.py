@@ -10,10 +10,11 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
+from alkemy.admin_jobs import LiveJobStatusAdmin
 from alkemy.errors import AlkemyError
 from alkemy.tenancy.admin_base import TENANT_FILTER, TenantScopedAdmin, TenantScopedInline, _roles_by_tenant
 from alkemy.tenancy.models import Tenant
-from characters.models import Character, ReferenceImage
+from characters.models import Character, CharacterImport, ReferenceImage
 from characters.services import character_delete, faces_search, reference_add, reference_delete
 from characters.thumbnails import reference_thumbnail, thumbnail_size
 
@@ -396,3 +397,50 @@ class FindByPhotoForm(forms.Form):
         self.fields["tenant"].queryset = tenants
         if tenants.count() == 1:
             self.fields["tenant"].initial = tenants.first()
+
+
+@admin.register(CharacterImport)
+class CharacterImportAdmin(LiveJobStatusAdmin, TenantScopedAdmin):
+    """Bulk imports, read-only: they are submitted through the API or `manage.py import_characters`."""
+
+    list_display = ["id", "archive_name", "live_status", "live_progress", "total_files", "enrolled_count",
+                    "skipped_count", "refused_count", "characters_created", "duplicate_count", "dry_run", "tenant",
+                    "queued_at"]  # fmt: skip
+    list_filter = ["status", "dry_run", "error_code", TENANT_FILTER]
+    search_fields = ["=id", "archive_name", "archive_sha256", "idempotency_key"]
+    date_hierarchy = "queued_at"
+    readonly_fields = [f.name for f in CharacterImport._meta.fields] + ["live_status", "live_progress", "report_table"]
+    fieldsets = [
+        ("Status", {"fields": ["live_status", "live_progress", ("current_step", "total_steps"), "cancel_requested",
+                               ("error_code", "error_message"), "error_details"]}),
+        ("Result", {"fields": [("total_files", "enrolled_count", "skipped_count", "refused_count"),
+                               ("characters_created", "duplicate_count"), "report_table"]}),
+        ("Request", {"fields": ["tenant", ("archive_name", "archive_size"), "archive_sha256", "dry_run", "embedder",
+                                ("requested_by", "requested_by_api_key"), "idempotency_key"]}),
+        ("Run", {"fields": [("queued_at", "started_at", "finished_at"), "timings"]}),
+        ("Worker and lease", {"classes": ["collapse"],
+                              "fields": ["attempt", "worker", "lease_expires_at", "heartbeat_at", "request_hash"]}),
+    ]  # fmt: skip
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="Files")
+    def report_table(self, obj):
+        rows = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (entry.get("path"), entry.get("outcome"), entry.get("code"), entry.get("message"),
+                 ", ".join(f"{s['name']} ({s['similarity']:.3f})" for s in entry.get("similar") or []))
+                for entry in obj.report or []
+            ),
+        )  # fmt: skip
+        header = "<tr><th>File</th><th>Outcome</th><th>Code</th><th>Message</th><th>Resembles</th></tr>"
+        return format_html("<table>{}{}</table>", format_html(header), rows)

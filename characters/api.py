@@ -2,7 +2,7 @@
 
 from django.http import FileResponse
 from drf_spectacular.utils import OpenApiParameter, extend_schema
-from rest_framework import status
+from rest_framework import mixins, status
 from rest_framework.decorators import action
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
@@ -12,9 +12,11 @@ from alkemy.api.limits import PHOTO_UPLOAD
 from alkemy.api.schema import error_response
 from alkemy.tenancy.authentication import ApiKeyPrincipal
 from alkemy.tenancy.models import Role
-from characters import selectors, services
+from characters import import_jobs, selectors, services
 from characters.filters import CharacterFilter
 from characters.serializers import (
+    CharacterImportRequestSerializer,
+    CharacterImportSerializer,
     CharacterSerializer,
     FaceSearchRequestSerializer,
     FaceSearchResponseSerializer,
@@ -105,6 +107,13 @@ class CharacterViewSet(TenantModelViewSet):
         )
 
 
+IMPORT_IDEMPOTENCY_PARAMETER = OpenApiParameter(
+    "Idempotency-Key",
+    str,
+    OpenApiParameter.HEADER,
+    required=False,
+    description="A retry with the same key and archive returns the same import; a different archive answers 409.",
+)
 CHARACTER_PARAMETER = OpenApiParameter("character_pk", int, OpenApiParameter.PATH, description="Character id")
 
 
@@ -190,3 +199,51 @@ class FaceSearchView(TenantAPIView):
                 "results": SimilarCharacterSerializer(found.results, many=True, context={"request": request}).data,
             }
         )
+
+
+# --- bulk imports ---------------------------------------------------------------------------------
+
+
+class CharacterImportCreateView(TenantAPIView):
+    """POST /characters/import: a zip of one folder per character, enrolled by a job on the CPU cluster."""
+
+    parser_classes = [MultiPartParser, FormParser]
+
+    @extend_schema(
+        summary="Import characters from a zip (one folder of 1-5 photos per character)",
+        request={"multipart/form-data": CharacterImportRequestSerializer},
+        parameters=[IMPORT_IDEMPOTENCY_PARAMETER],
+        responses={
+            202: CharacterImportSerializer,
+            400: error_response(
+                "`invalid_archive` (not a zip), `archive_too_large` (too many files or unpacked bytes), "
+                "`unsafe_archive` (a path leaving the archive, a symlink), `empty_archive`, `archive_required`."
+            ),
+            413: error_response("`archive_too_large`: the upload is over ALKEMY_IMPORT_MAX_ARCHIVE_BYTES."),
+        },
+    )
+    def post(self, request):
+        form = CharacterImportRequestSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        job, _ = import_jobs.import_submit(
+            tenant=self.tenant,
+            upload=form.validated_data["archive"],
+            dry_run=form.validated_data["dry_run"],
+            idempotency_key=request.headers.get("Idempotency-Key") or None,
+            **self.requester(),
+        )
+        return Response(CharacterImportSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+
+
+class CharacterImportViewSet(TenantViewSet, mixins.ListModelMixin, mixins.RetrieveModelMixin):
+    """The tenant's character imports: status, progress, counts and the per-file report."""
+
+    serializer_class = CharacterImportSerializer
+
+    def tenant_queryset(self):
+        return selectors.character_import_list(tenant=self.tenant)
+
+    @extend_schema(summary="Cancel a queued or running import", request=None, responses=CharacterImportSerializer)
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        return Response(self.get_serializer(import_jobs.import_cancel(job=self.get_object())).data)

@@ -6,7 +6,7 @@ from django.db.models import Count, QuerySet
 
 from alkemy.errors import NotFound
 from alkemy.tenancy.models import Tenant
-from characters.models import Character, ReferenceImage
+from characters.models import Character, CharacterImport, ReferenceImage
 
 
 def character_list(*, tenant: Tenant) -> QuerySet[Character]:
@@ -29,3 +29,8 @@ def reference_get(*, character: Character, reference_id) -> ReferenceImage:
         return reference_list(character=character).get(pk=int(reference_id))
     except (ReferenceImage.DoesNotExist, ValueError, TypeError):
         raise NotFound("No such reference photo.", code="reference_not_found") from None
+
+
+def character_import_list(*, tenant: Tenant):
+    """The tenant's bulk imports, newest first."""
+    return CharacterImport.objects.filter(tenant=tenant).order_by("-queued_at", "-id")

@@ -2,7 +2,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from alkemy.api.fields import StrictBooleanField, StrictCharField, StrictModelSerializer, StrictSlugField
-from characters.models import Character, ReferenceImage
+from characters.models import Character, CharacterImport, ReferenceImage
 
 
 class CharacterSerializer(StrictModelSerializer):
@@ -118,3 +118,57 @@ class SimilarResponseSerializer(serializers.Serializer):
     embedder = serializers.CharField()
     match_threshold = serializers.FloatField()
     results = SimilarCharacterSerializer(many=True)
+
+
+# --- bulk imports ---------------------------------------------------------------------------------
+
+
+class CharacterImportRequestSerializer(serializers.Serializer):
+    archive = serializers.FileField(
+        allow_empty_file=True,
+        help_text="A zip of one folder per character (folder name = character name) holding 1-5 photos each",
+    )
+    dry_run = StrictBooleanField(default=False, help_text="Analyse and report only; enrol nothing")
+
+
+class ImportSimilarSerializer(serializers.Serializer):
+    character_id = serializers.IntegerField()
+    name = serializers.CharField()
+    similarity = serializers.FloatField()
+    is_match = serializers.BooleanField()
+
+
+class ImportFileSerializer(serializers.Serializer):
+    path = serializers.CharField(help_text="The file's path in the archive")
+    character = serializers.CharField(help_text="Its folder's name: the character's name")
+    outcome = serializers.ChoiceField(["enrolled", "skipped", "refused", "would_enrol"])
+    code = serializers.CharField(
+        help_text="Why it was refused or skipped (the codes of a single upload, and "
+        "not_in_a_folder, nested_folder, too_many_photos, duplicate_photo, already_enrolled)"
+    )
+    message = serializers.CharField()
+    character_id = serializers.IntegerField(allow_null=True)
+    reference_id = serializers.IntegerField(allow_null=True)
+    warnings = serializers.ListField(child=serializers.CharField(), required=False)
+    similar = ImportSimilarSerializer(
+        many=True, required=False, help_text="Other characters whose identity resembles this one: possible duplicates"
+    )
+
+
+class CharacterImportSerializer(serializers.ModelSerializer):
+    error = serializers.SerializerMethodField()
+    report = ImportFileSerializer(many=True, read_only=True)
+
+    class Meta:
+        model = CharacterImport
+        fields = [
+            "id", "status", "progress", "current_step", "total_steps", "dry_run", "archive_name", "archive_size",
+            "embedder", "total_files", "enrolled_count", "skipped_count", "refused_count", "characters_created",
+            "duplicate_count", "error", "report", "attempt", "queued_at", "started_at", "finished_at",
+        ]  # fmt: skip
+        read_only_fields = fields
+
+    def get_error(self, obj) -> dict | None:
+        if not obj.error_code:
+            return None
+        return {"code": obj.error_code, "message": obj.error_message, "details": obj.error_details}

@@ -177,7 +177,13 @@ class ReferenceAdded:
 
 def photo_analyse(*, upload, min_face_px: int | None = None) -> AnalysedPhoto:
     """Read, validate and face-analyse an uploaded photo; Unprocessable on any problem."""
-    photo = load_photo(read_upload(upload))
+    return photo_analyse_bytes(data=read_upload(upload), min_face_px=min_face_px)
+
+
+def photo_analyse_bytes(*, data: bytes, min_face_px: int | None = None, max_pixels: int | None = None) -> AnalysedPhoto:
+    """`photo_analyse` of bytes already read (bulk imports read files and archive members themselves).
+    Needs no database, so it runs in the import's worker processes too."""
+    photo = load_photo(data, max_pixels=max_pixels)
     embedder = get_embedder()
     subject, others = pick_subject(embedder.analyze(photo.pixels), min_face_px=min_face_px)
     quality, warnings = assess(photo.pixels, subject)
@@ -194,7 +200,14 @@ def reference_add(*, character: Character, upload, created_by=None) -> Reference
     max_references = settings.ALKEMY_MAX_REFERENCES
     if ReferenceImage.objects.unscoped().filter(character=character).count() >= max_references:
         raise _too_many_references(max_references)
-    analysed = photo_analyse(upload=upload)
+    return reference_store(character=character, analysed=photo_analyse(upload=upload), created_by=created_by)
+
+
+def reference_store(*, character: Character, analysed: AnalysedPhoto, created_by=None) -> ReferenceAdded:
+    """The second half of `reference_add`: store an analysed photo as a reference of `character`, its
+    embedding, the recomputed identity; report possible duplicates. Bulk imports analyse in worker
+    processes and call this in the parent. Leaves no row and no file behind when anything fails."""
+    max_references = settings.ALKEMY_MAX_REFERENCES
     photo = analysed.photo
 
     stored_name = None
