@@ -29,6 +29,7 @@ Literal SQL: embedder names come from the registry and tenant ids are ints, neve
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,12 +123,30 @@ def _similarity(dims: int) -> str:
     return f"1 - (embedding::vector({dims}) <=> %(query)s::vector({dims}))"
 
 
+#: seconds a process trusts what it saw of a tenant's index. A stale answer changes only the speed,
+#: never the rows: both plans filter by tenant, so a dropped index means a sort, a new one an exact scan
+INDEX_CACHE_SECONDS = 30.0
+_index_seen: dict[tuple, tuple[float, bool]] = {}
+
+
+def forget_indexes() -> None:
+    """Forget what this process saw of the per-tenant indexes (after a sync, in tests)."""
+    _index_seen.clear()
+
+
 def _valid_index(cursor, name: str) -> bool:
+    info = getattr(cursor, "cursor", cursor).connection.info  # Django's CursorWrapper or a psycopg cursor
+    key = (info.host, info.port, info.dbname, name)
+    now = time.monotonic()
+    seen = _index_seen.get(key)
+    if seen is not None and now - seen[0] < INDEX_CACHE_SECONDS:
+        return seen[1]
     cursor.execute(
         "SELECT indisvalid AND indisready FROM pg_index WHERE indexrelid = to_regclass(%(name)s)", {"name": name}
     )
     row = cursor.fetchone()
-    return bool(row and row[0])
+    _index_seen[key] = (now, bool(row and row[0]))
+    return _index_seen[key][1]
 
 
 def plan_search(cursor, *, table: str, tenant_id: int, embedder: str, exclude_character: bool = False) -> SearchPlan:
@@ -159,8 +178,9 @@ def plan_search(cursor, *, table: str, tenant_id: int, embedder: str, exclude_ch
 
 def run_search(cursor, plan: SearchPlan, params: dict) -> list[tuple]:
     """Run `plan` inside the caller's transaction (the settings are SET LOCAL)."""
-    cursor.execute("; ".join(plan.settings))  # one round trip
-    cursor.execute(plan.sql, params)
+    cursor.execute("; ".join((*plan.settings, plan.sql)), params)  # one round trip (client-side binding)
+    while cursor.description is None and cursor.nextset():  # past the SETs' results
+        pass
     return cursor.fetchall()
 
 
@@ -373,6 +393,7 @@ def sync_tenant_indexes(
                 logger.info("built search index %s (%d rows)", index, counts[(t, e)])
     finally:
         cursor.execute("SELECT pg_advisory_unlock(%(key)s)", {"key": SYNC_LOCK})
+        forget_indexes()
     return report
 
 
