@@ -100,9 +100,12 @@ TEMPLATES = [
     },
 ]
 
-# Database: DATABASE_URL, else the embedded PostgreSQL (started on first connection).
+# Database: DATABASE_URL, else the embedded PostgreSQL (started on first connection). Persistent connections
+# are checked before each request or task reuses them, so a database restart costs no request and no job.
 if os.environ.get("DATABASE_URL"):
-    DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=60)}
+    DATABASES = {
+        "default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=60, conn_health_checks=True)
+    }
 else:
     DATABASES = {
         "default": {
@@ -110,6 +113,7 @@ else:
             "NAME": os.environ.get("ALKEMY_DB_NAME", "alkemy"),
             "PGDATA": str(ALKEMY_DATA_DIR / "pgdata"),
             "CONN_MAX_AGE": 60,
+            "CONN_HEALTH_CHECKS": True,
         }
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

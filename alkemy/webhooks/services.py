@@ -27,7 +27,9 @@ import logging
 import secrets
 import socket
 import ssl
+import threading
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import timedelta
 from urllib.parse import urlsplit
@@ -338,14 +340,42 @@ def _post(claimed: ClaimedDelivery) -> tuple[int | None, str]:
         EVENT_HEADER: claimed.event,
         DELIVERY_HEADER: str(claimed.pk),
     }
+    deadline = _Deadline(connection, timeout)
     try:
         connection.request("POST", path, body=claimed.body, headers=headers)
         status = connection.getresponse().status  # redirects are not followed: they could point anywhere
     except (OSError, http.client.HTTPException) as exc:
-        return None, f"{type(exc).__name__}: {exc}"[:500]
+        status, error = None, f"{type(exc).__name__}: {exc}"[:500]
+    else:
+        error = "" if 200 <= status < 300 else f"HTTP {status}"
     finally:
+        deadline.cancel()
         connection.close()
-    return status, "" if 200 <= status < 300 else f"HTTP {status}"
+    if deadline.expired:  # whatever was read, the answer was cut off at the deadline
+        return None, f"Timed out: no complete answer within {timeout}s."
+    return status, error
+
+
+class _Deadline:
+    """The whole request gets `seconds`: the socket timeout bounds each read alone, so a receiver that
+    trickles its answer a byte at a time would otherwise hold a webhooks worker forever. At the deadline
+    the socket is shut down, which ends whatever read or write the send is blocked in."""
+
+    def __init__(self, connection: http.client.HTTPConnection, seconds: float) -> None:
+        self.connection, self.expired = connection, False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        self.expired = True
+        sock = self.connection.sock
+        if sock is not None:
+            with suppress(OSError):  # already closed
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
