@@ -260,9 +260,47 @@ def claim_within_limits(job_id: int, me: str) -> bool | None:
         return job_claim(GenerationJob, job_id, worker=me)
 
 
+def cluster_stopping(wait_seconds: float = 5.0) -> bool:
+    """Whether the qcluster this worker process belongs to is shutting down (its parent got SIGTERM or
+    SIGINT: `docker stop`, a pod being deleted). django-q2 then lets its workers drain the tasks already
+    pulled from the broker before they stop. Its sentinel, our parent process, publishes its status
+    ("Stopping") in the broker's cache every cycle; while it waits to queue the workers' stop signals
+    behind a pulled task it publishes nothing for a moment (its entry lapses after 3 s), so an absent
+    entry is waited for, up to `wait_seconds`."""
+    import multiprocessing
+    import os
+    import socket
+
+    from django_q.conf import Conf
+    from django_q.status import Stat
+
+    if multiprocessing.parent_process() is None:
+        return False  # not a qcluster worker (a test, `manage.py generate`, django-q's sync mode)
+    sentinel, host = os.getppid(), socket.gethostname()
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            mine = [s for s in Stat.get_all() if s.sentinel == sentinel and s.host == host]
+        except Exception:  # no status to read (cache down): behave as before
+            return False
+        if mine:
+            return any(s.status == Conf.STOPPING for s in mine)
+        if time.monotonic() >= deadline:
+            return False  # its sentinel is gone
+        time.sleep(0.1)
+
+
 def run_job(job_id: int) -> str:
     """Claim and run one generation job. Returns the final status, 'skipped' if it was not ours to
-    run, or 'deferred' when its method stayed at its concurrency limit (the job is re-enqueued)."""
+    run, 'deferred' when its method stayed at its concurrency limit (the job is re-enqueued), or
+    'handed_back' when the cluster is stopping: a job not started yet goes back to the queue for another
+    worker instead of being started by one that is going away."""
+    if cluster_stopping():
+        from generation.jobs import enqueue
+
+        enqueue(job_id)
+        logger.info("job %s handed back to the queue: this cluster is stopping", job_id)
+        return "handed_back"
     me = worker_id()
     waited = 0.0
     while (claimed := claim_within_limits(job_id, me)) is None:

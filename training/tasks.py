@@ -15,9 +15,16 @@ logger = logging.getLogger(__name__)
 
 
 def run_training_job(job_id: int) -> str:
-    """GPU cluster: run one training job (a duplicate delivery returns 'skipped')."""
+    """GPU cluster: run one training job (a duplicate delivery returns 'skipped'; 'handed_back' when the
+    cluster is stopping: the job goes back to the queue instead of starting, see generation.worker)."""
+    from generation.worker import cluster_stopping
     from training.worker import run_training_job as run
 
+    if cluster_stopping():
+        from training.jobs import enqueue_training
+
+        enqueue_training(job_id)
+        return "handed_back"
     return run(job_id)
 
 
