@@ -7,3 +7,6 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "3"))
 threads = int(os.environ.get("WEB_THREADS", "4"))
 timeout = 120  # reference uploads run face analysis inline
 accesslog = "-"
+# SIGTERM: finish the requests in flight for up to this long (compose's stop_grace_period and the
+# Kubernetes terminationGracePeriodSeconds leave room for it)
+graceful_timeout = 30
