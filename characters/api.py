@@ -8,7 +8,7 @@ from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
 
 from alkemy.api.base import TenantAPIView, TenantModelViewSet, TenantViewSet
-from alkemy.api.limits import PHOTO_UPLOAD
+from alkemy.api.limits import IMPORT_UPLOAD, PHOTO_UPLOAD
 from alkemy.api.schema import error_response
 from alkemy.tenancy.authentication import ApiKeyPrincipal
 from alkemy.tenancy.models import Role
@@ -208,6 +208,7 @@ class CharacterImportCreateView(TenantAPIView):
     """POST /characters/import: a zip of one folder per character, enrolled by a job on the CPU cluster."""
 
     parser_classes = [MultiPartParser, FormParser]
+    upload_limit = IMPORT_UPLOAD  # larger bodies are refused unread (alkemy/api/limits.py)
 
     @extend_schema(
         summary="Import characters from a zip (one folder of 1-5 photos per character)",

@@ -200,6 +200,7 @@ def _lora_generation_of_b(w):  # B's own character rendered with A's style LoRA
 #: parameter-less route → bodies (JSON) that name A's objects, each POSTed by B and refused; None: nothing to name
 API_COLLECTION_WRITES = {
     "characters": None,
+    "characters/import": None,  # a zip for B's own tenant: nothing of A to name
     "characters/imports": None,
     "search/faces": None,  # multipart photo of A's character: checked by test_search_by_photo_finds_none_of_a
     "generations": lambda w: [_generation_of_a(w), _lora_generation_of_b(w)],

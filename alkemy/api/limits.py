@@ -27,6 +27,7 @@ class UploadLimit:
     code: str  #: the error code the service gives a file over it
     field: str  #: the multipart field of the file
     what: str
+    status: int = 422
 
     def file_bytes(self) -> int:
         return getattr(settings, self.setting)
@@ -38,13 +39,14 @@ class UploadLimit:
             f"The request is {content_length} bytes; {self.what} may be at most {limit} bytes.",
             {"field": self.field, "max_bytes": limit, "content_length": content_length},
         )
-        response = JsonResponse(body, status=422)
+        response = JsonResponse(body, status=self.status)
         response["Connection"] = "close"  # the unread body must not be taken for the next request
         return response
 
 
 PHOTO_UPLOAD = UploadLimit("ALKEMY_MAX_UPLOAD_BYTES", "image_too_large", "image", "a photo")
 LORA_UPLOAD = UploadLimit("ALKEMY_MAX_LORA_BYTES", "invalid_lora", "file", "a LoRA file")
+IMPORT_UPLOAD = UploadLimit("ALKEMY_IMPORT_MAX_ARCHIVE_BYTES", "archive_too_large", "archive", "an archive", 413)
 
 
 class RequestBodyLimitMiddleware:
