@@ -15,6 +15,7 @@ import logging
 import tempfile
 import time
 
+from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import default_storage
 from django.db import transaction
@@ -185,3 +186,23 @@ def run_import_job(job_id: int) -> str:
         if finished:
             _drop_archive(job_id)
     return status if finished else "lost"
+
+
+def reap_import_jobs() -> dict:
+    """Default cluster, every minute (migration 0008): an import whose worker stopped heartbeating goes back
+    to the queue, where the next run skips what it already enrolled, or fails `worker_lost` after
+    ALKEMY_JOB_MAX_ATTEMPTS starts."""
+    from alkemy.jobs import job_requeue_or_fail, jobs_expired
+
+    counts = {"requeued": 0, "failed": 0, "canceled": 0}
+    for job in jobs_expired(CharacterImport):
+        outcome = job_requeue_or_fail(CharacterImport, job, max_attempts=settings.ALKEMY_JOB_MAX_ATTEMPTS)
+        if outcome == JobStatus.QUEUED:
+            counts["requeued"] += 1
+            logger.warning("character import %s: worker %s lost, re-queued (attempt %s)", job.pk, job.worker,
+                           job.attempt)  # fmt: skip
+            enqueue_import(job.pk)
+        elif outcome in (JobStatus.FAILED, JobStatus.CANCELED):
+            counts[outcome] += 1
+            _drop_archive(job.pk)
+    return counts

@@ -232,3 +232,26 @@ def test_imports_are_the_tenants_own(api_a, studio_a, media_root, layout, django
     assert other.post(f"/api/v1/characters/imports/{job.json()['id']}/cancel").status_code == 404
     canceled = api_a.post(f"/api/v1/characters/imports/{job.json()['id']}/cancel").json()
     assert canceled["status"] == "canceled"
+
+
+def test_a_lost_import_is_requeued_by_the_reaper(api_a, media_root, layout, django_capture_on_commit_callbacks):
+    from datetime import timedelta
+
+    from django.utils import timezone
+    from django_q.models import Schedule
+
+    from characters.import_jobs import reap_import_jobs
+
+    assert Schedule.objects.filter(func="characters.import_jobs.reap_import_jobs").exists()
+    files = {"Tom Hanks/tom.png": layout["Tom Hanks/tom.png"]}
+    with django_capture_on_commit_callbacks(execute=False):
+        job_id = api_a.post("/api/v1/characters/import", {"archive": io.BytesIO(zipped(files))}, format="multipart")
+    job_id = job_id.json()["id"]
+    past = timezone.now() - timedelta(minutes=5)
+    CharacterImport.objects.unscoped().filter(pk=job_id).update(status="running", worker="gone:1", attempt=1,
+                                                                 lease_expires_at=past)  # fmt: skip
+    with django_capture_on_commit_callbacks(execute=False):
+        assert reap_import_jobs()["requeued"] == 1
+    with django_capture_on_commit_callbacks(execute=True):
+        assert run_import_job(job_id) == "succeeded"  # the re-queued job runs to the end
+    assert CharacterImport.objects.unscoped().get(pk=job_id).enrolled_count == 1
