@@ -50,6 +50,12 @@ class LiveJobStatusAdmin(admin.ModelAdmin):
     def live_progress(self, obj):
         return self._live_cell(obj, "progress", progress_label(obj))
 
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        # a job's page is its record: nothing on it is editable, so it offers no Save buttons
+        extra_context = {**(extra_context or {}), "show_save": False, "show_save_and_continue": False,
+                         "show_save_and_add_another": False}  # fmt: skip
+        return super().change_view(request, object_id, form_url, extra_context)
+
     def get_urls(self):
         opts = self.model._meta
         view = self.admin_site.admin_view(self.status_view)

@@ -113,6 +113,7 @@ def test_job_lists_follow_their_jobs_without_a_reload(client, staff_of_a, outsid
     assert 'data-job-status-url="/admin/generation/generationjob/status.json"' in page
     change = client.get(f"/admin/generation/generationjob/{job.pk}/change/").content.decode()
     assert "alkemy/job_status.js" in change and f'data-job-status="{job.pk}"' in change
+    assert 'name="_save"' not in change and 'name="_continue"' not in change  # a record: nothing to save
 
     response = client.get(f"/admin/generation/generationjob/status.json?ids={job.pk},999999,x,")
     assert response.status_code == 200 and "no-store" in response["Cache-Control"]
