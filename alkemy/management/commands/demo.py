@@ -2,6 +2,7 @@
 characters and a search by photo; then the web server and the worker clusters (CPU, GPU, webhooks), and one
 generation with tiny models through the API."""
 
+import contextlib
 import json
 import os
 import signal
@@ -31,8 +32,11 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--addr", default="127.0.0.1:8000")
         parser.add_argument("--no-serve", action="store_true", help="Set everything up, print it, and exit.")
+        parser.add_argument(
+            "--no-generation", action="store_true", help="Serve without building tiny models or the sample generation."
+        )
 
-    def handle(self, *args, addr, no_serve, **options):
+    def handle(self, *args, addr, no_serve, no_generation=False, **options):
         call_command("migrate", interactive=False, verbosity=0)
         call_command("collectstatic", interactive=False, verbosity=0)
 
@@ -65,7 +69,7 @@ class Command(BaseCommand):
             )
         )
         if not no_serve:
-            self.serve(addr, plaintext)
+            self.serve(addr, plaintext, generate=not no_generation)
 
     def ensure_models(self) -> None:
         """Use $ALKEMY_MODELS_DIR when PuLID-FLUX (the demo's method) is ready there, else tiny models."""
@@ -85,35 +89,45 @@ class Command(BaseCommand):
         os.environ["ALKEMY_MODELS_DIR"] = str(tiny)  # inherited by the worker processes
         settings.ALKEMY_MODELS_DIR = tiny
 
-    def serve(self, addr: str, api_key: str) -> None:
-        """Web server + default and gpu clusters as child processes; one generation; then wait."""
-        self.ensure_models()
+    def serve(self, addr: str, api_key: str, generate: bool = True) -> None:
+        """Web server + default and gpu clusters as child processes; one generation; then wait.
+
+        Each child runs in its own process group, which this process stops: SIGINT once (a Ctrl-C in the
+        terminal reaches only this process), then SIGKILL for the whole group of one that does not stop in
+        time, so no cluster's worker processes outlive the demo (they would keep the database running)."""
+        if generate:
+            self.ensure_models()
         # SIGTERM ends the demo like Ctrl-C: children stopped, the embedded database shut down cleanly.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         manage = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py")]
-        children = {
-            "web": subprocess.Popen([*manage, "runserver", addr, "--noreload"]),
-            "cpu cluster": subprocess.Popen([*manage, "qcluster"], env={**os.environ, "Q_CLUSTER_NAME": "default"}),
-            "gpu cluster": subprocess.Popen([*manage, "qcluster"], env={**os.environ, "Q_CLUSTER_NAME": "gpu"}),
-            "webhooks cluster": subprocess.Popen(
-                [*manage, "qcluster"], env={**os.environ, "Q_CLUSTER_NAME": "webhooks"}
-            ),
-        }
+
+        def start(*args: str, **env: str) -> subprocess.Popen:
+            return subprocess.Popen([*manage, *args], env={**os.environ, **env}, start_new_session=True)
+
+        children = {}
         try:
-            self.demo_generation(f"http://{addr}", api_key)
+            children["web"] = start("runserver", addr, "--noreload")
+            for name, cluster in (("cpu", "default"), ("gpu", "gpu"), ("webhooks", "webhooks")):
+                children[f"{name} cluster"] = start("qcluster", Q_CLUSTER_NAME=cluster)
+            if generate:
+                self.demo_generation(f"http://{addr}", api_key)
             self.stdout.write(f"\nServing at http://{addr}/ and all worker clusters; Ctrl-C stops everything.")
+            self.stdout.flush()
             children["web"].wait()
         except KeyboardInterrupt:
             pass
         finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
             for child in children.values():
                 if child.poll() is None:
                     child.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + 15
             for child in children.values():
-                try:
-                    child.wait(15)
-                except subprocess.TimeoutExpired:
-                    child.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(max(deadline - time.monotonic(), 0.1))
+                with contextlib.suppress(ProcessLookupError):  # the child and whatever it left in its group
+                    os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
 
     def demo_generation(self, base: str, api_key: str) -> None:
         def call(method: str, path: str, body: dict | None = None) -> dict:
