@@ -41,13 +41,15 @@ class Command(BaseCommand):
             "--sha256", action="append", default=[], metavar="KEY=HEX",
             help="the SHA-256 a URL source must have (the Hub's own files are always verified)",
         )  # fmt: skip
-        parser.add_argument("--list", action="store_true", help="print the files it would fetch, download nothing")
+        parser.add_argument(
+            "--list", action="store_true", dest="list_only", help="print the files it would fetch, download nothing"
+        )
 
-    def handle(self, *args, method, models_dir, url, sha256, list, **options):
+    def handle(self, *args, method, models_dir, url, sha256, list_only, **options):
         models_dir = Path(models_dir or settings.ALKEMY_MODELS_DIR)
         keys = plan(method or LOCAL_METHODS)
         urls, sha256s = key_values(url, "--url"), key_values(sha256, "--sha256")
-        if list:
+        if list_only:
             for key in keys:
                 source = SOURCES[key]
                 if isinstance(source, HubSource):
