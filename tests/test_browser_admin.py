@@ -148,6 +148,17 @@ def studio(django_db_setup, django_db_blocker, tiny_models_dir, tmp_path_factory
             overrides.disable()
 
 
+@pytest.fixture(autouse=True)
+def screenshot_on_failure(request, studio):
+    """A failed step leaves a picture of every open page, next to the steps' own screenshots."""
+    failed_before = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed_before:  # the call's report is counted before teardown
+        for username, page in studio.pages.items():
+            for number, tab in enumerate(page.context.pages):
+                screenshot(tab, f"FAILED-{request.node.name}-{username}-{number}")
+
+
 def wait_for_request_threads(timeout: float = 10) -> None:
     import threading
     import time
@@ -233,7 +244,7 @@ def render(page, studio: Studio, *, seed: int) -> int:
     """Fill "Render this character in a new scene…" and return the new job's id (its page is open)."""
     page.goto(f"{studio.url}/admin/characters/character/{studio.found['eileen']}/change/")
     page.get_by_role("link", name="Render this character in a new scene…").click()
-    page.fill("#id_prompt", "walking in the rain")
+    page.fill("#id_prompt", "walking in the rain")  # the default method, PuLID-FLUX
     for field, value in {"#id_width": "64", "#id_height": "64", "#id_steps": "3", "#id_seed": str(seed)}.items():
         page.fill(field, value)
     page.click("input[type=submit]")
