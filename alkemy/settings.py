@@ -151,7 +151,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "alkemy.api.pagination.Pagination",
     "PAGE_SIZE": 50,
     "DEFAULT_FILTER_BACKENDS": [
-        "django_filters.rest_framework.DjangoFilterBackend",
+        "alkemy.api.filters.DjangoFilterBackend",  # skipped when no parameter names a filter
         "alkemy.api.filters.DeclaredSearchFilter",
         "alkemy.api.filters.StrictOrderingFilter",
     ],
