@@ -227,6 +227,17 @@ def test_every_kubernetes_file_parses_and_has_its_required_fields(cluster_docs):
     assert set(secret_example["alkemy-secrets"]["stringData"]) >= {"SECRET_KEY", "DATABASE_URL", "REDIS_URL"}
 
 
+@pytest.mark.parametrize("version", ["1.30.0", "1.37.0"])
+def test_every_kubernetes_resource_is_valid_against_the_api_schemas(version):
+    """Strict: an unknown or misspelt field (`readinesProbe`) is an error, not silently dropped."""
+    import kubernetes_validate
+
+    docs = k8s_docs("base", "overlays/gpu") + load_all(K8S / "secret.example.yaml")
+    assert len(docs) > 10
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
 def test_web_probes_use_the_health_endpoint_with_an_allowed_host(cluster_docs, config_map):
     web = by_kind(cluster_docs, "Deployment")["alkemy-web"]
     [container] = web["spec"]["template"]["spec"]["containers"]
