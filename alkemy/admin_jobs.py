@@ -36,19 +36,28 @@ class LiveJobStatusAdmin(admin.ModelAdmin):
         opts = self.model._meta
         return reverse(f"admin:{opts.app_label}_{opts.model_name}_status")
 
-    def _live_cell(self, job, kind: str, text: str):
+    def live_state(self, obj) -> dict:
+        """What the cells and `status.json` say about a row: status, progress, label and whether it is
+        finished (polling stops); a job-like row that is not a `Job` (a shot list) overrides it."""
+        return {"status": obj.status, "progress": obj.progress, "label": progress_label(obj),
+                "terminal": obj.status in TERMINAL}  # fmt: skip
+
+    def _live_cell(self, obj, kind: str):
+        state = self.live_state(obj)
         return format_html(
-            '<span class="job-live job-{}" data-job-{}="{}" data-job-status-url="{}" data-job-state="{}">{}</span>',
-            kind, kind, job.pk, self._status_url(), job.status, text,
+            '<span class="job-live job-{}" data-job-{}="{}" data-job-status-url="{}" data-job-state="{}" '
+            'data-job-done="{}">{}</span>',
+            kind, kind, obj.pk, self._status_url(), state["status"], "1" if state["terminal"] else "0",
+            state["status"] if kind == "status" else state["label"],
         )  # fmt: skip
 
     @admin.display(description="Status", ordering="status")
     def live_status(self, obj):
-        return self._live_cell(obj, "status", obj.status)
+        return self._live_cell(obj, "status")
 
     @admin.display(description="Progress", ordering="progress")
     def live_progress(self, obj):
-        return self._live_cell(obj, "progress", progress_label(obj))
+        return self._live_cell(obj, "progress")
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         # a job's page is its record: nothing on it is editable, so it offers no Save buttons
@@ -70,14 +79,6 @@ class LiveJobStatusAdmin(admin.ModelAdmin):
         jobs = self.get_queryset(request).filter(pk__in=ids[:MAX_POLLED_JOBS]) if ids else []
         return JsonResponse(
             {
-                "jobs": {
-                    str(job.pk): {
-                        "status": job.status,
-                        "progress": job.progress,
-                        "label": progress_label(job),
-                        "terminal": job.status in TERMINAL,
-                    }
-                    for job in jobs
-                }
+                "jobs": {str(job.pk): self.live_state(job) for job in jobs}
             }
         )  # admin_view adds no-store: a poll always reads the row

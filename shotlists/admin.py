@@ -9,7 +9,9 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
+from alkemy.admin_jobs import LiveJobStatusAdmin
 from alkemy.errors import AlkemyError
+from alkemy.jobs import JobStatus
 from alkemy.tenancy.admin_base import TENANT_FILTER, TenantScopedAdmin
 from generation.methods import DEFAULT_METHOD, METHODS
 from shotlists import services
@@ -55,12 +57,12 @@ class ShotListForm(forms.Form):
 
 
 @admin.register(ShotList)
-class ShotListAdmin(TenantScopedAdmin):
-    list_display = ["id", "name", "tenant", "status", "progress_percent", "job_count", "methods", "created_at"]
+class ShotListAdmin(LiveJobStatusAdmin, TenantScopedAdmin):
+    list_display = ["id", "name", "tenant", "live_status", "live_progress", "job_count", "methods", "created_at"]
     list_filter = [TENANT_FILTER]
     search_fields = ["=id", "name", "idempotency_key"]
     date_hierarchy = "created_at"
-    readonly_fields = ["name", "tenant", "methods", "images_per_shot", "character_ids", "status", "progress_percent",
+    readonly_fields = ["name", "tenant", "methods", "images_per_shot", "character_ids", "live_status", "live_progress",
                        "contact_sheet", "report_table", "job_links", "created_at"]  # fmt: skip
     fields = readonly_fields
     actions = ["cancel", "reroll_outliers"]
@@ -76,15 +78,22 @@ class ShotListAdmin(TenantScopedAdmin):
             obj._progress = shotlist_progress(shot_list=obj)
         return obj._progress
 
-    @admin.display(description="Status")
-    def status(self, obj):
-        return self._progress(obj)["status"]
-
-    @admin.display(description="Progress")
-    def progress_percent(self, obj):
+    def live_state(self, obj) -> dict:
+        """A shot list's status and progress come from its jobs (the status and progress cells poll them)."""
         progress = self._progress(obj)
         counts = ", ".join(f"{n} {status}" for status, n in progress["jobs_by_status"].items() if n)
-        return f"{progress['progress'] * 100:.0f}% ({counts})"
+        label = f"{progress['progress'] * 100:.0f}% ({counts})"
+        status = str(progress["status"])
+        return {"status": status, "progress": progress["progress"], "label": label,
+                "terminal": status not in (JobStatus.QUEUED, JobStatus.RUNNING)}  # fmt: skip
+
+    @admin.display(description="Status")
+    def live_status(self, obj):
+        return self._live_cell(obj, "status")
+
+    @admin.display(description="Progress")
+    def live_progress(self, obj):
+        return self._live_cell(obj, "progress")
 
     @admin.display(description="Jobs")
     def job_count(self, obj):

@@ -132,6 +132,24 @@ def test_job_lists_follow_their_jobs_without_a_reload(client, staff_of_a, outsid
     assert client.get("/admin/training/trainingjob/status.json?ids=1").json() == {"jobs": {}}
 
 
+def test_shot_lists_follow_their_jobs_too(client, staff_of_a, eileen):
+    from shotlists.services import ShotSpec, shotlist_submit
+
+    shot_list, _ = shotlist_submit(
+        tenant=eileen.tenant, name="Chase", characters=[eileen], methods=["instantid_sdxl"],
+        shots=[ShotSpec(prompt="on a rooftop", width=64, height=64, steps=2)],
+    )  # fmt: skip
+    client.force_login(staff_of_a)
+    page = client.get("/admin/shotlists/shotlist/").content.decode()
+    assert f'data-job-progress="{shot_list.pk}"' in page and "0% (1 queued)" in page
+    url = f"/admin/shotlists/shotlist/status.json?ids={shot_list.pk}"
+    assert client.get(url).json()["jobs"][str(shot_list.pk)] == {
+        "status": "queued", "progress": 0.0, "label": "0% (1 queued)", "terminal": False,
+    }  # fmt: skip
+    GenerationJob.objects.unscoped().filter(tenant=eileen.tenant).update(status=JobStatus.CANCELED)
+    assert client.get(url).json()["jobs"][str(shot_list.pk)]["terminal"] is True  # polling stops
+
+
 def test_polling_script_is_a_static_file():
     from pathlib import Path
 

@@ -4,7 +4,6 @@
 (function () {
   "use strict";
   var INTERVAL_MS = 2000;
-  var TERMINAL = ["succeeded", "failed", "canceled"];
 
   function cells() {
     return Array.prototype.slice.call(document.querySelectorAll("[data-job-status-url]"));
@@ -15,9 +14,7 @@
   }
 
   function unfinished() {
-    return cells().filter(function (cell) {
-      return TERMINAL.indexOf(cell.getAttribute("data-job-state")) === -1;
-    });
+    return cells().filter(function (cell) { return cell.getAttribute("data-job-done") !== "1"; });
   }
 
   function onChangePage() {
@@ -29,10 +26,11 @@
     cells().forEach(function (cell) {
       var job = jobs[jobId(cell)];
       if (!job) { return; }
-      var was = cell.getAttribute("data-job-state");
+      var wasDone = cell.getAttribute("data-job-done") === "1";
       cell.setAttribute("data-job-state", job.status);
+      cell.setAttribute("data-job-done", job.terminal ? "1" : "0");
       cell.textContent = cell.hasAttribute("data-job-status") ? job.status : job.label;
-      if (job.terminal && TERMINAL.indexOf(was) === -1) { finishedHere = true; }
+      if (job.terminal && !wasDone) { finishedHere = true; }
     });
     return finishedHere;
   }
