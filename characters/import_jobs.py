@@ -18,7 +18,7 @@ import time
 from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import default_storage
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
 from alkemy.errors import AlkemyError
 from alkemy.jobs import JobStatus, idempotent_match, job_claim, job_finish, job_heartbeat, request_hash, worker_id
@@ -95,6 +95,13 @@ def import_submit(
         with transaction.atomic():
             job.save()
             transaction.on_commit(lambda: enqueue_import(job.pk))
+    except IntegrityError:  # a concurrent request with the same Idempotency-Key won the race
+        default_storage.delete(stored)
+        existing = idempotent_match(CharacterImport, tenant=tenant, key=idempotency_key, fingerprint=fingerprint,
+                                    detail="import") if idempotency_key else None  # fmt: skip
+        if existing is None:
+            raise
+        return existing, False
     except BaseException:
         default_storage.delete(stored)
         raise

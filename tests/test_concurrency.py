@@ -6,14 +6,17 @@ row locks and unique constraints are what keeps the data right, not the order th
 
 from __future__ import annotations
 
+import io
 import threading
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import connection
 
-from characters.models import CharacterIdentity, FaceEmbedding, ReferenceImage
+from characters.models import CharacterIdentity, CharacterImport, FaceEmbedding, ReferenceImage
 from characters.services import character_create, reference_add
 from generation.models import GenerationJob
 from tests import photos
@@ -120,3 +123,21 @@ def test_concurrent_idempotent_submissions_make_one_job(studio_a, media_root):
     assert {r.status_code for r in responses} <= {200, 202}, [r.content for r in responses]
     assert len({r.json()["id"] for r in responses}) == 1
     assert GenerationJob.objects.unscoped().count() == 1
+
+
+def test_concurrent_idempotent_imports_make_one_job(studio_a, media_root):
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("Eileen/1.png", photos.encode(photos.astronaut()))
+    data = archive.getvalue()
+
+    def submit():
+        upload = SimpleUploadedFile("cast.zip", data, content_type="application/zip")
+        return studio_a.client().post("/api/v1/characters/import", {"archive": upload}, format="multipart",
+                                      HTTP_IDEMPOTENCY_KEY="import-7")  # fmt: skip
+
+    responses = together(*[submit] * 4)
+    assert {r.status_code for r in responses} <= {200, 202}, [r.content for r in responses]
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert CharacterImport.objects.unscoped().count() == 1
+    assert len(stored_files(media_root)) == 1  # the losers' copies of the archive are gone
