@@ -70,6 +70,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "alkemy.metrics.MetricsMiddleware",  # request latency by route for GET /metrics (first: times everything)
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -246,6 +247,8 @@ if ALKEMY_HTTPS:
 # Operators (monitoring) read GET /api/v1/health in detail with `Authorization: Bearer <this>`; empty: only
 # superusers' sessions do. Everyone else gets the bare liveness answer.
 ALKEMY_OPERATOR_TOKEN = os.environ.get("ALKEMY_OPERATOR_TOKEN", "")
+# Prometheus scrapes GET /metrics with `Authorization: Bearer <this>`; empty: no /metrics (404). alkemy/metrics.py
+ALKEMY_METRICS_TOKEN = os.environ.get("ALKEMY_METRICS_TOKEN", "")
 
 # Shared across processes (web, both clusters): django-q2 keeps cluster heartbeats here.
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "alkemy_cache"}}

@@ -5,6 +5,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from alkemy.admin_login import ThrottledAdminAuthenticationForm
 from alkemy.api.health import HealthView
 from alkemy.api.tenant import TenantView
+from alkemy.metrics import metrics_view
 
 admin.site.site_header = "Alkemy Cast"
 admin.site.site_title = "Alkemy Cast admin"
@@ -27,6 +28,7 @@ api_v1 = [
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", include(api_v1)),
+    path("metrics", metrics_view, name="metrics"),  # Prometheus, Bearer $ALKEMY_METRICS_TOKEN
 ]
 
 # Media files are never served by URL alone: every download goes through a view that checks the tenant.

@@ -36,6 +36,7 @@ import numpy as np
 from django.conf import settings
 from django.db import connection, transaction
 
+from alkemy.metrics import SEARCH_SECONDS
 from characters.faces import embedder_infos
 
 logger = logging.getLogger(__name__)
@@ -228,6 +229,7 @@ def search_identities(
     return sorted((Neighbour(c, None, float(s)) for c, _, s in rows), key=lambda n: -n.similarity)[:limit]
 
 
+@SEARCH_SECONDS.time()
 def nearest_characters(
     *,
     tenant_id: int,

@@ -16,6 +16,7 @@ from PIL import Image
 
 from alkemy.errors import AlkemyError, Conflict, Unprocessable
 from alkemy.files import delete_files_on_commit
+from alkemy.metrics import ENROLMENT_SECONDS
 from alkemy.tenancy.models import Tenant
 from characters.faces import DetectedFace, EmbedderInfo, embedder_infos, get_embedder, resolve_embedder_name
 from characters.models import Character, CharacterIdentity, FaceEmbedding, ReferenceImage, reference_upload_to
@@ -191,6 +192,7 @@ def photo_analyse_bytes(*, data: bytes, min_face_px: int | None = None, max_pixe
     return AnalysedPhoto(photo, embedder.info, subject, others, quality, warnings)
 
 
+@ENROLMENT_SECONDS.time()
 def reference_add(*, character: Character, upload, created_by=None) -> ReferenceAdded:
     """Store a reference photo of `character`: validate, detect, embed, update the identity.
 

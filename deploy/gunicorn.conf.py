@@ -10,3 +10,11 @@ accesslog = "-"
 # SIGTERM: finish the requests in flight for up to this long (compose's stop_grace_period and the
 # Kubernetes terminationGracePeriodSeconds leave room for it)
 graceful_timeout = 30
+
+
+def child_exit(server, worker):
+    """Prometheus multi-process mode (PROMETHEUS_MULTIPROC_DIR): drop a dead worker's live gauges."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

@@ -122,6 +122,11 @@ class PipelineCache:
         self.trim()
         return method
 
+    def _report(self) -> None:
+        from alkemy.metrics import WARM_PIPELINES
+
+        WARM_PIPELINES.set(len(self._entries))
+
     def trim(self) -> None:
         """Evict least recently used methods until the warm ones fit the memory budget (the newest
         always stays). Sizes are measured now, since some methods load their weights lazily."""
@@ -131,10 +136,12 @@ class PipelineCache:
             evicted, _ = self._entries.popitem(last=False)
             logger.info("evicted %s from the pipeline cache (budget %.1f GiB)", evicted, budget / 2**30)
             self.free()
+        self._report()
 
     def clear(self) -> None:
         self._entries.clear()
         self.free()
+        self._report()
 
     @staticmethod
     def free() -> None:
