@@ -16,7 +16,6 @@ from PIL import Image
 
 from alkemy.errors import AlkemyError, Conflict, Unprocessable
 from alkemy.files import delete_files_on_commit
-from alkemy.metrics import ENROLMENT_SECONDS
 from alkemy.tenancy.models import Tenant
 from characters.faces import DetectedFace, EmbedderInfo, embedder_infos, get_embedder, resolve_embedder_name
 from characters.models import Character, CharacterIdentity, FaceEmbedding, ReferenceImage, reference_upload_to
@@ -102,7 +101,13 @@ def character_create(
         created_by=created_by,
         created_by_api_key=created_by_api_key,
     )
-    return _save(character)
+    for attempt in range(5):
+        try:
+            return _save(character)
+        except Conflict:  # a concurrent namesake took the derived slug first: derive the next free one
+            if slug or attempt == 4:
+                raise
+            character.slug = _unique_slug(tenant=tenant, name=name)
 
 
 def character_update(*, character: Character, **changes) -> Character:
@@ -192,7 +197,6 @@ def photo_analyse_bytes(*, data: bytes, min_face_px: int | None = None, max_pixe
     return AnalysedPhoto(photo, embedder.info, subject, others, quality, warnings)
 
 
-@ENROLMENT_SECONDS.time()
 def reference_add(*, character: Character, upload, created_by=None) -> ReferenceAdded:
     """Store a reference photo of `character`: validate, detect, embed, update the identity.
 

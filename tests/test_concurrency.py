@@ -141,3 +141,15 @@ def test_concurrent_idempotent_imports_make_one_job(studio_a, media_root):
     assert len({r.json()["id"] for r in responses}) == 1
     assert CharacterImport.objects.unscoped().count() == 1
     assert len(stored_files(media_root)) == 1  # the losers' copies of the archive are gone
+
+
+def test_concurrent_characters_of_one_name_get_distinct_slugs(studio_a):
+    """No slug sent: the service derives one, so a concurrent namesake is not a 409 slug_taken for the client."""
+
+    def create():
+        return studio_a.client().post("/api/v1/characters", {"name": "Kai Moreno"}, format="json")
+
+    responses = together(*[create] * 4)
+    assert [r.status_code for r in responses] == [201] * 4, [r.content for r in responses]
+    assert sorted(r.json()["slug"] for r in responses) == ["kai-moreno", "kai-moreno-2", "kai-moreno-3",
+                                                           "kai-moreno-4"]  # fmt: skip
