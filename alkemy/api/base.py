@@ -14,6 +14,7 @@ from rest_framework.permissions import SAFE_METHODS
 from rest_framework.views import APIView
 
 from alkemy.api.throttling import check_request_rate
+from alkemy.logging import bind as bind_log_context
 from alkemy.tenancy import scoping
 from alkemy.tenancy.authentication import ApiKeyPrincipal
 from alkemy.tenancy.models import WRITE_ROLES, Membership, Tenant
@@ -94,6 +95,7 @@ class TenantScopedMixin:
         self.tenant, self.role = resolve_request_tenant(request)
         check_request_rate(principal=request.user, tenant=self.tenant)  # 429 rate_limited, per key and tenant
         self._scope_token = scoping.activate(self.tenant)
+        bind_log_context(tenant=self.tenant.slug)  # every log line of the request names the tenant
         if request.method not in SAFE_METHODS and self.role not in self.write_roles:
             raise ReadOnlyRole()
 
