@@ -31,7 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+# One BLAS thread, set before numpy loads OpenBLAS: "one core" per photo, and the import pool has a worker per core.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

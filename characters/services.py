@@ -17,10 +17,11 @@ from PIL import Image
 from alkemy.errors import AlkemyError, Conflict, Unprocessable
 from alkemy.files import delete_files_on_commit
 from alkemy.tenancy.models import Tenant
+from characters.analysis import AnalysedPhoto, photo_analyse_bytes
 from characters.faces import DetectedFace, EmbedderInfo, embedder_infos, get_embedder, resolve_embedder_name
 from characters.models import Character, CharacterIdentity, FaceEmbedding, ReferenceImage, reference_upload_to
-from characters.photos import Photo, load_photo, oriented, read_upload
-from characters.quality import assess, pick_subject, rank_faces
+from characters.photos import load_photo, oriented, read_upload
+from characters.quality import rank_faces
 from characters.search import nearest_characters, similar_identities
 
 MAX_TAGS = 20
@@ -158,16 +159,6 @@ def character_delete(*, character: Character) -> None:
 
 
 @dataclass
-class AnalysedPhoto:
-    photo: Photo
-    embedder: EmbedderInfo
-    subject: DetectedFace
-    others: list[DetectedFace]
-    quality: dict
-    warnings: list[str]
-
-
-@dataclass
 class SimilarCharacter:
     character: Character
     similarity: float
@@ -184,17 +175,6 @@ class ReferenceAdded:
 def photo_analyse(*, upload, min_face_px: int | None = None) -> AnalysedPhoto:
     """Read, validate and face-analyse an uploaded photo; Unprocessable on any problem."""
     return photo_analyse_bytes(data=read_upload(upload), min_face_px=min_face_px)
-
-
-def photo_analyse_bytes(*, data: bytes, min_face_px: int | None = None, max_pixels: int | None = None) -> AnalysedPhoto:
-    """`photo_analyse` of bytes already read (bulk imports read files and archive members themselves).
-    Needs no database, so it runs in the import's worker processes too."""
-    photo = load_photo(data, max_pixels=max_pixels)
-    embedder = get_embedder()
-    subject, others = pick_subject(embedder.analyze(photo.pixels), min_face_px=min_face_px)
-    quality, warnings = assess(photo.pixels, subject)
-    quality["det_score"] = round(subject.score, 4)
-    return AnalysedPhoto(photo, embedder.info, subject, others, quality, warnings)
 
 
 def reference_add(*, character: Character, upload, created_by=None) -> ReferenceAdded:
