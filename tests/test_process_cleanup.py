@@ -62,6 +62,9 @@ def assert_all_gone(data_dir: Path, within: float) -> float:
         time.sleep(0.25)
     left = processes_of(data_dir)
     report = describe(left)
+    holders = data_dir / "pgdata" / ".handle_pids.json"
+    if holders.exists():  # who the embedded server still thought was using it
+        report.append(f"holders: {holders.read_text()}")
     for proc in left:  # these were started by this test
         with contextlib.suppress(psutil.Error):
             proc.kill()
@@ -177,6 +180,20 @@ def test_ctrl_c_in_the_demo_stops_the_web_server_every_cluster_and_the_database(
         started = {p.pid for p in processes_of(data_dir)}
         assert any("postgres" in " ".join(p.cmdline()) for p in processes_of(data_dir))
         assert len(started) >= 5, describe(processes_of(data_dir))
+
+        # A CPU worker busy with a long task when Ctrl-C comes (django-q waits for it): the demo must not
+        # leave it, nor the command it runs, behind.
+        busy = tmp_path / "busy"
+        enqueue = (
+            "from django_q.tasks import async_task; "
+            f"async_task('subprocess.run', ['sh', '-c', 'touch {busy}; exec sleep 300'])"
+        )
+        subprocess.run([sys.executable, "manage.py", "shell", "-c", enqueue], cwd=ROOT, check=True, timeout=120,
+                       env=environment(data_dir, DEBUG="1"), capture_output=True)  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not busy.exists() and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert busy.exists(), "".join(log[-40:])
 
         os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C: SIGINT to the terminal's foreground process group
         assert demo.wait(60) == 0, "".join(log[-40:])

@@ -69,8 +69,6 @@ def _exclusive_lock(path: Path, timeout: float = START_TIMEOUT_SECONDS):
 
 def _prune_dead_holders(pgdata: Path) -> None:
     """Drop process ids of dead processes from the wheel's holder list (see module docstring)."""
-    import psutil
-
     holders_file = pgdata / ".handle_pids.json"
     if not holders_file.exists():
         return
@@ -78,9 +76,20 @@ def _prune_dead_holders(pgdata: Path) -> None:
         holders = json.loads(holders_file.read_text() or "[]")
     except ValueError:
         holders = []
-    alive = [pid for pid in holders if psutil.pid_exists(pid)]
+    alive = [pid for pid in holders if _holder_alive(pid)]
     if alive != holders:
         holders_file.write_text(json.dumps(alive))
+
+
+def _holder_alive(pid: int) -> bool:
+    """A zombie is dead too: a worker killed with its cluster waits there until something reaps it, which
+    in a container whose init does not reap may be never, and it must not keep the server running."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 _prune_at_exit_registered: set[Path] = set()
