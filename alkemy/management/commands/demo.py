@@ -101,14 +101,24 @@ class Command(BaseCommand):
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         manage = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py")]
 
-        def start(*args: str, **env: str) -> subprocess.Popen:
-            return subprocess.Popen([*manage, *args], env={**os.environ, **env}, start_new_session=True)
+        # The children's output goes to files, so the demo's own lines read as one story.
+        log_dir = Path(settings.ALKEMY_DATA_DIR) / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+        def start(log_name: str, *args: str, **env: str) -> subprocess.Popen:
+            with open(log_dir / f"{log_name}.log", "ab") as log:  # the child keeps its own descriptor
+                return subprocess.Popen(
+                    [*manage, *args], env={**os.environ, **env}, start_new_session=True,
+                    stdout=log, stderr=subprocess.STDOUT,
+                )  # fmt: skip
 
         children = {}
         try:
-            children["web"] = start("runserver", addr, "--noreload")
+            children["web"] = start("web", "runserver", addr, "--noreload")
             for name, cluster in (("cpu", "default"), ("gpu", "gpu"), ("webhooks", "webhooks")):
-                children[f"{name} cluster"] = start("qcluster", Q_CLUSTER_NAME=cluster)
+                children[f"{name} cluster"] = start(f"{name}-cluster", "qcluster", Q_CLUSTER_NAME=cluster)
+            self.stdout.write(f"\nLogs of the web server and the worker clusters: {log_dir}/{{web,cpu-cluster,"
+                              "gpu-cluster,webhooks-cluster}.log")  # fmt: skip
             if generate:
                 self.demo_generation(f"http://{addr}", api_key)
             self.stdout.write(f"\nServing at http://{addr}/ and all worker clusters; Ctrl-C stops everything.")
