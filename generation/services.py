@@ -22,13 +22,43 @@ from generation.references import character_identity, reference_faces
 #: default 6 (0.16-0.27 s instead of 0.5-1 s on the dev VM) for 13 % more bytes; PNG stays lossless
 #: at every level (bench/README-queue-and-methods.md, "GPU-sized job: worker overhead").
 PNG_COMPRESS_LEVEL = 1
+#: PNG colour types of the modes `encode_png` writes itself (others go through Pillow)
+_PNG_COLOR_TYPES = {"L": 0, "RGB": 2, "RGBA": 6}
 
 
 def encode_png(image: Image.Image) -> bytes:
-    """The lossless PNG bytes of `image`, at `PNG_COMPRESS_LEVEL`."""
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buffer.getvalue()
+    """The lossless PNG bytes of `image`, at `PNG_COMPRESS_LEVEL`.
+
+    8-bit L/RGB/RGBA images (every method's output) are written here: every row with PNG's "Up" filter
+    (one vectorised subtraction) and deflated with zlib's run-length strategy. Pillow instead tries all
+    five filters on every row to pick one, which is most of its encoding time at level 1; this takes
+    about half the CPU for the same size on photos (bench/README-queue-and-methods.md). Both numpy and
+    zlib release the GIL while they work. Other modes go through Pillow.
+    """
+    import struct
+    import zlib
+
+    import numpy as np
+
+    color_type = _PNG_COLOR_TYPES.get(image.mode)
+    if color_type is None:
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG", compress_level=PNG_COMPRESS_LEVEL)
+        return buffer.getvalue()
+    pixels = np.asarray(image, dtype=np.uint8)
+    rows = pixels.reshape(image.height, -1)
+    filtered = np.empty((image.height, rows.shape[1] + 1), dtype=np.uint8)
+    filtered[:, 0] = 2  # "Up": each byte minus the one above it (the row above the first is zeros)
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # modulo 256, as PNG defines it
+    deflate = zlib.compressobj(PNG_COMPRESS_LEVEL, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    data = deflate.compress(filtered) + deflate.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", image.width, image.height, 8, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
 @dataclass
