@@ -12,13 +12,15 @@ API-key-authenticated DRF view: the framework's floor), and runs, each bounded i
 1. query counts per route, and the list at page_size 10 vs 100 (constant: no N+1);
 2. closed-loop phases, one route each: floor, character list, character detail with `--clients`
    clients; search by photo with `--search-clients`;
-3. the mixed run: `--clients` clients for `--mixed-seconds`, each request picking list / detail / search by
+3. alternating rounds of floor then list (`--rounds` × `--round-seconds` each), one list/floor ratio per
+   round: on a shared machine the background load drifts between longer phases;
+4. the mixed run: `--clients` clients for `--mixed-seconds`, each request picking list / detail / search by
    photo / generation submit / floor by weight;
-4. the rate-limit check: a second gunicorn with ALKEMY_RATE_LIMIT_PER_KEY=60, 120 requests from 8
+5. the rate-limit check: a second gunicorn with ALKEMY_RATE_LIMIT_PER_KEY=60, 120 requests from 8
    connections: exactly 60 (+ what refills meanwhile) pass across all workers, the rest are 429 with
    Retry-After.
 
-Rate limits: phases 1-3 run with the limits raised to 10^9 a minute (the counter still runs on every
+Rate limits: phases 1-4 run with the limits raised to 10^9 a minute (the counter still runs on every
 request, so its cost is in the figures); `--production-limits` keeps the defaults instead (the 429s are then
 counted apart from errors). Gunicorn is always stopped (try/finally, SIGINT/SIGTERM handlers), also on
 failure; the embedded PostgreSQL stops with its last holder. Figures go to stdout as tables and to
@@ -241,7 +243,9 @@ EXPECTED = {"floor": 200, "list": 200, "list10": 200, "list100": 200, "detail": 
 def closed_loop(port: int, routes: Routes, pick, clients: int, seconds: float, max_requests: int) -> dict:
     """`clients` threads, each on its own keep-alive connection, sending the next request when the last one
     answered, until `seconds` passed or `max_requests` were sent in all."""
-    results: dict[str, dict] = defaultdict(lambda: {"lat": [], "errors": 0, "throttled": 0, "queries": set()})
+    results: dict[str, dict] = defaultdict(
+        lambda: {"lat": [], "in_window": 0, "errors": 0, "throttled": 0, "queries": set()}
+    )
     lock = threading.Lock()
     sent = [0]
     stop_at = time.monotonic() + seconds
@@ -249,7 +253,7 @@ def closed_loop(port: int, routes: Routes, pick, clients: int, seconds: float, m
     def client(index: int) -> None:
         rng = random.Random(index)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        local = defaultdict(lambda: {"lat": [], "errors": 0, "throttled": 0, "queries": set()})
+        local = defaultdict(lambda: {"lat": [], "in_window": 0, "errors": 0, "throttled": 0, "queries": set()})
         try:
             while time.monotonic() < stop_at:
                 with lock:
@@ -269,6 +273,7 @@ def closed_loop(port: int, routes: Routes, pick, clients: int, seconds: float, m
                 elapsed = time.perf_counter() - started
                 if status == EXPECTED[route]:
                     local[route]["lat"].append(elapsed)
+                    local[route]["in_window"] += time.monotonic() <= stop_at
                     local[route]["queries"].add(int(response_headers.get("X-Bench-Queries", -1)))
                 elif status == 429:
                     local[route]["throttled"] += 1
@@ -279,6 +284,7 @@ def closed_loop(port: int, routes: Routes, pick, clients: int, seconds: float, m
             with lock:
                 for route, figures in local.items():
                     results[route]["lat"] += figures["lat"]
+                    results[route]["in_window"] += figures["in_window"]
                     results[route]["errors"] += figures["errors"]
                     results[route]["throttled"] += figures["throttled"]
                     results[route]["queries"] |= figures["queries"]
@@ -297,7 +303,7 @@ def closed_loop(port: int, routes: Routes, pick, clients: int, seconds: float, m
             "ok": len(lat),
             "errors": figures["errors"],
             "throttled": figures["throttled"],
-            "rps": round(len(lat) / wall, 1),
+            "rps": round(figures["in_window"] / seconds, 1),  # answered within the phase: no tail bias
             "p50_ms": round(1000 * statistics.median(lat), 1) if lat else None,
             "p99_ms": round(1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], 1) if lat else None,
             "queries": sorted(figures["queries"]),
@@ -327,6 +333,22 @@ def query_counts(port: int, routes: Routes) -> dict:
         assert status == EXPECTED[route], (route, status)
         counts[route] = int(response_headers["X-Bench-Queries"])
     return counts
+
+
+def warm_up(port: int, routes: Routes, workers: int) -> None:
+    """Every route once in every worker (new connections until each pid answered it): the first search by photo
+    in a worker loads the face models, which is not what the phases measure."""
+    rng = random.Random(1)
+    for route in ["floor", "list", "detail", "search", "submit"]:
+        pids: set[str] = set()
+        for _ in range(12 * workers):
+            method, path, body, headers = routes.make(route, rng)
+            status, response_headers, _ = request(port, method, path, routes.key, body, headers)
+            assert status == EXPECTED[route], (route, status)
+            pids.add(response_headers["X-Bench-Pid"])
+            if len(pids) == workers:
+                break
+        log(f"warm-up {route}: {len(pids)} of {workers} workers")
 
 
 def rate_limit_check(env: dict, ctx: dict, data_dir: Path) -> dict:
@@ -393,6 +415,8 @@ def main() -> None:
     parser.add_argument("--phase-seconds", type=float, default=20)
     parser.add_argument("--mixed-seconds", type=float, default=60)
     parser.add_argument("--max-requests", type=int, default=200_000, help="per phase")
+    parser.add_argument("--rounds", type=int, default=6, help="alternating floor/list rounds")
+    parser.add_argument("--round-seconds", type=float, default=5)
     parser.add_argument("--production-limits", action="store_true")
     parser.add_argument("--skip-rate-limit-check", action="store_true")
     parser.add_argument("--json-out", type=Path)
@@ -411,8 +435,7 @@ def main() -> None:
     try:
         log(f"gunicorn on 127.0.0.1:{server.port}, {args.workers} workers; waiting until it answers")
         server.wait_ready(ctx["key"])
-        for _ in range(4 * args.workers):
-            request(server.port, "GET", "/bench/floor", ctx["key"])
+        warm_up(server.port, routes, args.workers)
         counts = query_counts(server.port, routes)
         report["queries_per_request"] = counts
         print("\nSQL queries per request:", json.dumps(counts))
@@ -426,6 +449,20 @@ def main() -> None:
             )
             print_table(f"phase {name}", phases[name])
         report["phases"] = phases
+
+        # On a shared machine the background load drifts between phases: compare list with the floor in
+        # alternating short rounds too, one ratio per round (their spread is the measurement's noise).
+        rounds = []
+        for i in range(args.rounds):
+            pair = {}
+            for route in ("floor", "list"):
+                run = closed_loop(server.port, routes, lambda rng, r=route: r, args.clients, args.round_seconds,
+                                  args.max_requests)  # fmt: skip
+                pair[route] = run["routes"][route]
+            rounds.append({**pair, "ratio": round(pair["list"]["rps"] / max(pair["floor"]["rps"], 0.1), 2)})
+            log(f"round {i + 1}: floor {pair['floor']['rps']} req/s, list {pair['list']['rps']} req/s, "
+                f"ratio {rounds[-1]['ratio']}")  # fmt: skip
+        report["rounds"] = rounds
 
         log(f"mixed: {args.clients} clients, {args.mixed_seconds:.0f} s")
         names, weights = zip(*MIXED_WEIGHTS.items(), strict=True)
@@ -446,6 +483,8 @@ def main() -> None:
         "detail_over_floor_rps": round(phases["detail"]["routes"]["detail"]["rps"] / floor_rps, 2),
         # in the mixed run each client picks routes by weight, so request counts follow the weights: compare latency
         "mixed_floor_over_list_p50": round(mixed["routes"]["floor"]["p50_ms"] / mixed["routes"]["list"]["p50_ms"], 2),
+        "rounds_list_over_floor_rps": sorted(r["ratio"] for r in rounds),
+        "rounds_median": statistics.median(r["ratio"] for r in rounds) if rounds else None,
         "list_queries_constant": counts["list10"] == counts["list100"],
         "errors": sum(r["errors"] for run in [*phases.values(), mixed] for r in run["routes"].values()),
     }
