@@ -1,5 +1,6 @@
 from django.core.paginator import Paginator as DjangoPaginator
 from django.db.models import Count, Window
+from django.db.models.query import ModelIterable
 from rest_framework.exceptions import ValidationError
 from rest_framework.pagination import PageNumberPagination
 
@@ -20,14 +21,21 @@ class OneQueryPaginator(DjangoPaginator):
     """A page of a queryset and the total in one query (`COUNT(*) OVER ()` on each row of the page), instead
     of a COUNT(*) and then the page: one query less for every list (bench/load.py). Falls back to Django's
     COUNT(*) for an empty page (past the end, or nothing at all), a DISTINCT or combined query (where a window
-    counts the wrong rows), or a list that is not a queryset."""
+    counts the wrong rows), a sliced or `.values()` queryset, or a list that is not a queryset."""
 
     TOTAL = "_alkemy_page_total"
 
     def page(self, number):
         queryset = self.object_list
         query = getattr(queryset, "query", None)
-        if query is None or query.distinct or query.combinator or "count" in self.__dict__:
+        if (
+            query is None
+            or query.distinct
+            or query.combinator
+            or query.is_sliced
+            or getattr(queryset, "_iterable_class", None) is not ModelIterable  # .values(): rows are not models
+            or "count" in self.__dict__
+        ):
             return super().page(number)
         try:
             number = int(number)
