@@ -8,7 +8,9 @@ import torch
 
 from generation.tiny.text import write_clip_text_model, write_clip_tokenizer, write_t5_encoder, write_t5_tokenizer
 
-# Small enough to denoise a 1024x1024 image (the production default) in seconds on a laptop CPU.
+# Small enough to generate a 1024x1024 image (the production default, 28-30 steps) in seconds on a CPU:
+# what stays is the production geometry (sequence lengths, packing, RoPE axes, 8x VAEs, full-size control
+# images); every layer running at those sizes is as thin and as few as the architectures allow.
 FLUX_JOINT_DIM = 32
 FLUX_POOLED_DIM = 32
 SDXL_CROSS_DIM = 64
@@ -17,21 +19,29 @@ SDXL_CROSS_DIM = 64
 #: FLUX.1-dev's and SDXL's do (four blocks, three stride-2 stages; the pipelines derive `vae_scale_factor`
 #: = 2 ** (blocks - 1) from this), with the real latent channels. Only the widths are small.
 VAE_SCALE_FACTOR = 8
-FLUX_VAE_CHANNELS = (8, 8, 16, 16)  # FLUX.1-dev: (128, 256, 512, 512)
+#: The decoder's last two up blocks run at 512² and 1024² (the upsampling conv of the third one too): there
+#: 4 channels (the fewest the VAE's GroupNorm of 4 groups takes). The mid block has no self-attention in the
+#: tiny VAEs: at 128² latents it attends over 16384 tokens, more than the whole rest of a tiny decode costs.
+FLUX_VAE_CHANNELS = (4, 4, 8, 16)  # FLUX.1-dev: (128, 256, 512, 512)
 FLUX_LATENT_CHANNELS = 16
-SDXL_VAE_CHANNELS = (8, 8, 16, 16)  # SDXL base: (128, 256, 512, 512)
+SDXL_VAE_CHANNELS = (4, 4, 8, 16)  # SDXL base: (128, 256, 512, 512)
 SDXL_LATENT_CHANNELS = 4
 #: the real VAEs' sample_size: tiling (when enabled) starts above the same image size as in production
 VAE_SAMPLE_SIZE = 1024
 
 
 def flux_transformer_config() -> dict:
-    """FLUX.1-dev's transformer, 2 + 4 blocks of width 32; it takes the VAE's 16 channels packed 2x2."""
+    """FLUX.1-dev's transformer, 1 double + 1 single block of width 32; it takes the VAE's 16 channels packed 2x2.
+
+    At 1024² every block attends over 4096 image + 512 text tokens (FLUX.1-dev's), which is what a tiny
+    step costs on a CPU, so there is one block of each kind (PuLID still gets its 2 ID cross-attentions:
+    one after the double block, one after the single block, as its 1-in-2 and 1-in-4 intervals place them).
+    """
     return dict(
         patch_size=1,
         in_channels=FLUX_LATENT_CHANNELS * 4,
-        num_layers=2,
-        num_single_layers=4,
+        num_layers=1,
+        num_single_layers=1,
         attention_head_dim=16,
         num_attention_heads=2,
         joint_attention_dim=FLUX_JOINT_DIM,
@@ -52,6 +62,7 @@ def flux_vae_config() -> dict:
         layers_per_block=1,
         latent_channels=FLUX_LATENT_CHANNELS,
         norm_num_groups=4,
+        mid_block_add_attention=False,
         sample_size=VAE_SAMPLE_SIZE,
         use_quant_conv=False,
         use_post_quant_conv=False,
@@ -71,6 +82,7 @@ def sdxl_vae_config() -> dict:
         layers_per_block=1,
         latent_channels=SDXL_LATENT_CHANNELS,
         norm_num_groups=4,
+        mid_block_add_attention=False,
         sample_size=VAE_SAMPLE_SIZE,
     )
 
@@ -121,25 +133,26 @@ def write_flux(directory: Path) -> Path:
 def sdxl_unet_config() -> dict:
     """diffusers' tiny SDXL UNet test configuration (text_time conditioning, two text encoders), one layer deep.
 
-    Its attention level runs on 1/16 of the image side, as SDXL's first attention level does (at 1024²:
-    64x64 = 4096 tokens). At that size a step costs seconds on a CPU with diffusers' config, so this one
-    is half as wide ((16, 32), not (32, 64)) and one layer deep (one resnet and one transformer layer
-    per block, not 2 and (1, 2)): 4 attention layers in the UNet and 2 in IdentityNet.
-    sample_size 128 latents is SDXL base's default of 1024 px.
+    Three levels, as SDXL base has (at 1024²: 128², 64² and 32² latents), narrow ((16, 16, 32), not
+    (320, 640, 1280)) and one layer deep (one resnet and one transformer layer per block). Only the last
+    level attends (SDXL's last two do): at 32x32 = 1024 tokens. An attention level at 64² (4096 tokens)
+    cost most of a tiny step on a CPU, with CFG's batch of 2, in the UNet and again in IdentityNet.
+    That leaves 4 attention layers in the UNet and 2 in IdentityNet, 16-dim heads as diffusers' config
+    has. sample_size 128 latents is SDXL base's default of 1024 px.
     """
     return dict(
-        block_out_channels=(16, 32),
+        block_out_channels=(16, 16, 32),
         layers_per_block=1,
         sample_size=VAE_SAMPLE_SIZE // VAE_SCALE_FACTOR,
         in_channels=SDXL_LATENT_CHANNELS,
         out_channels=SDXL_LATENT_CHANNELS,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(1, 2),  # heads (diffusers' legacy name): 16-dim heads, as diffusers' config has
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        attention_head_dim=(1, 1, 2),  # heads (diffusers' legacy name): 16-dim heads, as diffusers' config has
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 1),
+        transformer_layers_per_block=(1, 1, 1),
         projection_class_embeddings_input_dim=80,  # 6 * 8 + 32 (pooled text_encoder_2)
         cross_attention_dim=SDXL_CROSS_DIM,
         norm_num_groups=8,

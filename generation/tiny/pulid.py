@@ -2,7 +2,7 @@
 
 Real classes and real key names, small sizes; the loaders read every size back from the shapes.
 The cross-attentions fit the tiny FLUX transformer of `base_models.write_flux` (inner dim 32,
-2 double + 4 single blocks → 1 + 1 modules) and the IDFormer takes `embedder_dims` + the tiny
+1 double + 1 single block → 1 + 1 modules) and the IDFormer takes `embedder_dims` + the tiny
 EVA embedding, so the real loading, alignment, parsing and injection code runs on CPU in seconds.
 """
 
@@ -14,9 +14,9 @@ import torch
 
 from generation.model_registry import component_path, write_embedding_space
 
-# The tiny FLUX transformer of base_models.write_flux: 2 heads x 16 dims, 2 double + 4 single blocks.
+# The tiny FLUX transformer of base_models.write_flux: 2 heads x 16 dims, 1 double + 1 single block.
 TINY_FLUX_INNER_DIM = 32
-TINY_FLUX_NUM_CA = 2  # ceil(2 / 2) + ceil(4 / 4)
+TINY_FLUX_NUM_CA = 2  # ceil(1 / 2) + ceil(1 / 4)
 
 TINY_EVA = dict(image_size=56, patch_size=14, width=64, depth=6, num_heads=1, mlp_dim=170, embed_dim=32)
 #: EVA02-CLIP-L-14-336's text tower is 12 x 768 wide over a 77-token context and a 49408-word vocabulary
