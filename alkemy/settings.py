@@ -139,6 +139,14 @@ STORAGES = {
     "default": {"BACKEND": os.environ.get("ALKEMY_STORAGE_BACKEND", "django.core.files.storage.FileSystemStorage")},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }
+# S3-compatible object storage: ALKEMY_STORAGE_BACKEND=storages.backends.s3.S3Storage (django-storages) with
+# these; credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the instance's role). Files stay
+# private: downloads go through the API's tenant-checked views, never a public bucket URL.
+AWS_STORAGE_BUCKET_NAME = os.environ.get("AWS_STORAGE_BUCKET_NAME", "")
+AWS_S3_ENDPOINT_URL = os.environ.get("AWS_S3_ENDPOINT_URL") or None  # MinIO, Ceph, R2, ...: their URL
+AWS_S3_REGION_NAME = os.environ.get("AWS_S3_REGION_NAME") or None
+AWS_DEFAULT_ACL = None
+AWS_S3_FILE_OVERWRITE = False
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

@@ -12,6 +12,8 @@ import time
 
 import pytest
 import redis
+from django.test import Client
+from prometheus_client.parser import text_string_to_metric_families
 
 from alkemy.jobs import JobStatus
 from characters.services import character_create, reference_add
@@ -76,7 +78,7 @@ def job(job_id) -> GenerationJob:
     return GenerationJob.objects.unscoped().get(pk=job_id)
 
 
-def test_jobs_travel_through_redis_and_a_killed_worker_is_recovered(api_a, studio_a, redis_broker):
+def test_jobs_travel_through_redis_and_a_killed_worker_is_recovered(api_a, studio_a, redis_broker, settings):
     from django_q.models import OrmQ
 
     character = character_create(tenant=studio_a.tenant, name="Eileen")
@@ -86,9 +88,13 @@ def test_jobs_travel_through_redis_and_a_killed_worker_is_recovered(api_a, studi
     response = api_a.post("/api/v1/generations", body, format="json")
     assert response.status_code == 202, response.json()
     job_id = response.json()["id"]
-    # the task is in Redis, not in PostgreSQL's broker table
+    # the task is in Redis, not in PostgreSQL's broker table; /metrics reads the queue depth from Redis
     assert redis_broker.llen("django_q:gpu:q") == 1
     assert not OrmQ.objects.exists()
+    settings.ALKEMY_METRICS_TOKEN = "scrape"
+    scraped = Client().get("/metrics", HTTP_AUTHORIZATION="Bearer scrape").content.decode()
+    depth = next(f for f in text_string_to_metric_families(scraped) if f.name == "alkemy_queue_depth")
+    assert {s.labels["cluster"]: s.value for s in depth.samples} == {"default": 0, "gpu": 1, "webhooks": 0}
 
     cluster = Cluster("gpu", ALKEMY_JOB_LEASE_SECONDS="3").start()
     try:
