@@ -23,7 +23,9 @@ def embedding_space_for(embedder: str | None, embedder_dims: int | None) -> tupl
     return embedder, embedder_dims or embedder_infos()[embedder].dims
 
 
-def build_test_models(directory: Path, *, embedder: str | None = None, embedder_dims: int | None = None) -> list[Path]:
+def build_test_models(
+    directory: Path, *, embedder: str | None = None, embedder_dims: int | None = None, progress: bool = False
+) -> list[Path]:
     """Write all tiny models into `directory`; returns the component paths written.
 
     The ID encoders take `embedder`'s embeddings (see `embedding_space_for`). A tiny antelopev2 pack is
@@ -37,8 +39,18 @@ def build_test_models(directory: Path, *, embedder: str | None = None, embedder_
     embedder, embedder_dims = embedding_space_for(embedder, embedder_dims)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    write_flux(component_path(directory, "flux"))
-    write_pulid_components(directory, embedder_dims=embedder_dims, embedder=embedder)
-    write_sdxl(component_path(directory, "sdxl"))
-    write_instantid_components(directory, embedder_dims=embedder_dims, embedder=embedder)
-    return [*(component_path(directory, key) for key in COMPONENTS), write_antelopev2_pack(directory)]
+    stages = [
+        ("FLUX", lambda: write_flux(component_path(directory, "flux"))),
+        ("PuLID", lambda: write_pulid_components(directory, embedder_dims=embedder_dims, embedder=embedder)),
+        ("SDXL", lambda: write_sdxl(component_path(directory, "sdxl"))),
+        ("InstantID", lambda: write_instantid_components(directory, embedder_dims=embedder_dims, embedder=embedder)),
+        ("antelopev2", lambda: write_antelopev2_pack(directory)),
+    ]
+    if progress:  # `manage.py build_test_models`: one tick per family of models, on stderr
+        import sys
+
+        from tqdm import tqdm
+
+        stages = tqdm(stages, desc="tiny models", unit="family", file=sys.stderr)
+    results = [build() for _, build in stages]
+    return [*(component_path(directory, key) for key in COMPONENTS), results[-1]]

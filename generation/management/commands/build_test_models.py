@@ -27,7 +27,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, directory: Path, embedder, embedder_dims, **options):
-        written = build_test_models(directory, embedder=embedder, embedder_dims=embedder_dims)
+        written = build_test_models(directory, embedder=embedder, embedder_dims=embedder_dims, progress=True)
         for path in written:
             self.stdout.write(f"  {path}")
         self.stdout.write(f"Tiny models written to {directory.resolve()}")

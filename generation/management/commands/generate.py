@@ -55,7 +55,8 @@ class Command(BaseCommand):
             outputs = generate_for_character(character=character, method=method, request=request, on_step=self._bar)
         except AlkemyError as exc:
             raise CommandError(f"{exc.code}: {exc.message}") from None
-        sys.stderr.write("\n")
+        if getattr(self, "_progress", None) is not None:
+            self._progress.close()
         o["out"].mkdir(parents=True, exist_ok=True)
         for output in outputs:
             path = o["out"] / f"{character.slug}-{o['method']}-seed{output.seed}.png"
@@ -68,7 +69,9 @@ class Command(BaseCommand):
         self.stdout.write(f"Done in {time.monotonic() - started:.1f}s")
 
     def _bar(self, step: int, total: int) -> None:
-        width = 30
-        filled = round(width * step / total)
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{total}")
-        sys.stderr.flush()
+        from tqdm import tqdm
+
+        if getattr(self, "_progress", None) is None:
+            self._progress = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True)
+        self._progress.total, self._progress.n = total, step
+        self._progress.refresh()

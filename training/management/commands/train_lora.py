@@ -56,7 +56,8 @@ class Command(BaseCommand):
         self.stdout.write(f"Training #{job.pk}: {job.base_model} LoRA of {character.name}, {job.steps} steps")
         started = time.monotonic()
         status = run_training_job(job.pk, progress=self._bar)
-        sys.stderr.write("\n")
+        if getattr(self, "_progress", None) is not None:
+            self._progress.close()
         job = TrainingJob.objects.unscoped().select_related("lora").get(pk=job.pk)
         if status != JobStatus.SUCCEEDED:
             raise CommandError(f"Training #{job.pk} {job.status}: {job.error_code} {job.error_message}")
@@ -68,10 +69,11 @@ class Command(BaseCommand):
         self.stdout.write(f"Done in {time.monotonic() - started:.1f}s")
 
     def _bar(self, step: int, total: int, loss: float | None) -> None:
-        width = 30
-        filled = round(width * step / total)
+        from tqdm import tqdm
+
+        if getattr(self, "_progress", None) is None:
+            self._progress = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True)
         if loss is not None:
-            self._loss = loss
-        shown = f"  loss {self._loss:.4f}" if getattr(self, "_loss", None) is not None else ""
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{total}{shown}")
-        sys.stderr.flush()
+            self._progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        self._progress.total, self._progress.n = total, step
+        self._progress.refresh()

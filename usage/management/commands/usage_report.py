@@ -1,6 +1,9 @@
 """`manage.py usage_report --month YYYY-MM [--tenant slug] [--csv]`: a statement per tenant, or the events as CSV."""
 
+import sys
+
 from django.core.management.base import BaseCommand, CommandError
+from tqdm import tqdm
 
 from alkemy.tenancy.models import Tenant
 from alkemy.tenancy.scoping import all_tenants
@@ -30,7 +33,8 @@ class Command(BaseCommand):
             if csv:
                 self.stdout.write(reports.events_csv(tenants=tenants, start=start, end=end), ending="")
                 return
-            for index, one in enumerate(tenants):
+            # a progress bar on a terminal only (stdout may be piped; tqdm writes to stderr)
+            for index, one in enumerate(tqdm(tenants, desc="tenants", file=sys.stderr, disable=None, leave=False)):
                 if index:
                     self.stdout.write("")
                 self.stdout.write(reports.statement_text(reports.statement(tenant=one, start=start, end=end)))
