@@ -16,6 +16,7 @@ from PIL import Image
 
 from alkemy.errors import AlkemyError, Conflict, Unprocessable
 from alkemy.files import delete_files_on_commit
+from alkemy.metrics import ENROLMENT_SECONDS
 from alkemy.tenancy.models import Tenant
 from characters.analysis import AnalysedPhoto, photo_analyse_bytes
 from characters.faces import DetectedFace, EmbedderInfo, embedder_infos, get_embedder, resolve_embedder_name
@@ -177,6 +178,7 @@ def photo_analyse(*, upload, min_face_px: int | None = None) -> AnalysedPhoto:
     return photo_analyse_bytes(data=read_upload(upload), min_face_px=min_face_px)
 
 
+@ENROLMENT_SECONDS.time()
 def reference_add(*, character: Character, upload, created_by=None) -> ReferenceAdded:
     """Store a reference photo of `character`: validate, detect, embed, update the identity.
 
