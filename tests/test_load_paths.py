@@ -60,3 +60,10 @@ def test_page_and_total_in_one_query_and_constant_queries(api_a, studio_a, many)
     assert api_a.get("/api/v1/characters?archived=maybe").status_code == 400
     empty = make_tenant("studio-empty").client().get("/api/v1/characters").json()
     assert empty["count"] == 0 and empty["results"] == []
+
+
+def test_a_page_further_than_postgresql_can_offset_is_past_the_end(api_a, studio_a):
+    character_create(tenant=studio_a.tenant, name="Only one")
+    for path in ("/api/v1/characters", "/api/v1/generations", "/api/v1/usage/events"):
+        response = api_a.get(f"{path}?page=4154385444300455680147456&page_size=76")
+        assert response.status_code == 404, (path, response.content)  # not a 500 from OFFSET out of bigint range

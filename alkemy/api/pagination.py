@@ -4,6 +4,8 @@ from django.db.models.query import ModelIterable
 from rest_framework.exceptions import ValidationError
 from rest_framework.pagination import PageNumberPagination
 
+BIGINT_MAX = 2**63 - 1
+
 
 def _query_int(request, name: str, *, maximum: int | None = None) -> int | None:
     """A positive integer query parameter, None when absent; anything else is 400 naming the parameter."""
@@ -44,6 +46,8 @@ class OneQueryPaginator(DjangoPaginator):
         if number < 1:
             return super().page(number)
         bottom = (number - 1) * self.per_page
+        if bottom + self.per_page > BIGINT_MAX:  # PostgreSQL cannot OFFSET that far: past the end for sure
+            return super().page(number)
         rows = list(queryset.annotate(**{self.TOTAL: Window(Count("*"))})[bottom : bottom + self.per_page])
         if not rows:
             return super().page(number)
