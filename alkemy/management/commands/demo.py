@@ -97,8 +97,11 @@ class Command(BaseCommand):
         time, so no cluster's worker processes outlive the demo (they would keep the database running)."""
         if generate:
             self.ensure_models()
-        # SIGTERM ends the demo like Ctrl-C: children stopped, the embedded database shut down cleanly.
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        # SIGTERM ends the demo like Ctrl-C: children stopped, the embedded database shut down cleanly. Ctrl-C
+        # raises KeyboardInterrupt even when whoever started us ignored SIGINT (an ignored signal is inherited).
+        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0)), signal.signal(
+            signal.SIGINT, signal.default_int_handler
+        )
         manage = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py")]
 
         # The children's output goes to files, so the demo's own lines read as one story.
@@ -138,6 +141,8 @@ class Command(BaseCommand):
                 with contextlib.suppress(ProcessLookupError):  # the child and whatever it left in its group
                     os.killpg(child.pid, signal.SIGKILL)
                 child.wait()
+            signal.signal(signal.SIGTERM, previous[0])
+            signal.signal(signal.SIGINT, previous[1])
 
     def demo_generation(self, base: str, api_key: str) -> None:
         def call(method: str, path: str, body: dict | None = None) -> dict:
