@@ -113,6 +113,9 @@ def studio(django_db_setup, django_db_blocker, tiny_models_dir, tmp_path_factory
         server = None
         playwright = None
         state = None
+        # What the migrations put in the database (schedules, the default price book): a flush empties
+        # every table, so it is put back afterwards, as serialized_rollback does for transactional tests.
+        seeded = connections["default"].creation.serialize_db_to_string()
         try:
             studio_a, studio_b = make_tenant("studio-a"), make_tenant("studio-b")
             users = get_user_model().objects
@@ -144,8 +147,11 @@ def studio(django_db_setup, django_db_blocker, tiny_models_dir, tmp_path_factory
             if server is not None:
                 server.terminate()
                 wait_for_request_threads()  # each closes its database connection as it ends
-            call_command("flush", verbosity=0, interactive=False)  # as after every transactional test
-            overrides.disable()
+            try:  # as after a transactional test with serialized_rollback
+                call_command("flush", verbosity=0, interactive=False, inhibit_post_migrate=True, reset_sequences=False)
+                connections["default"].creation.deserialize_db_from_string(seeded)
+            finally:
+                overrides.disable()
 
 
 @pytest.fixture(autouse=True)
