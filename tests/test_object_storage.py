@@ -4,10 +4,7 @@ A reference uploaded through the API, a generation with the tiny models and its 
 all go through the bucket; nothing lands under MEDIA_ROOT.
 """
 
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 
 import boto3
@@ -15,6 +12,7 @@ import pytest
 
 from generation.tasks import run_generation_job
 from tests import photos
+from tests.servers import free_port, running
 
 pytestmark = pytest.mark.django_db
 
@@ -24,32 +22,11 @@ BUCKET = "alkemy-media"
 @pytest.fixture
 def s3_endpoint():
     pytest.importorskip("moto.server", reason="moto[server] is in requirements/dev.txt")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(url + "/moto-api/", timeout=2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.1)
+    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    with running(argv, ready=lambda: urllib.request.urlopen(url + "/moto-api/", timeout=2).close(), timeout=60):
         yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 @pytest.fixture

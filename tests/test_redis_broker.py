@@ -6,9 +6,6 @@ worker killed mid-job leaves it to the reaper, which re-queues it through Redis 
 """
 
 import shutil
-import socket
-import subprocess
-import time
 
 import pytest
 import redis
@@ -21,6 +18,7 @@ from generation.models import GeneratedImage, GenerationJob
 from generation.tasks import reap_jobs
 from tests import photos
 from tests.qcluster import Cluster, wait_for
+from tests.servers import free_port, running
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -31,34 +29,13 @@ REDIS_SERVER = shutil.which("redis-server")
 def redis_url(tmp_path):
     if REDIS_SERVER is None:
         pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; .ci/run does as root)")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen(
-        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
-    try:
-        client = redis.Redis.from_url(url)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.05)
+    argv = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(tmp_path)]  # fmt: skip
+    client = redis.Redis.from_url(url)
+    with running(argv, ready=client.ping, timeout=10, not_yet=(redis.ConnectionError,)):
         yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 @pytest.fixture
