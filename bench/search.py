@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -324,10 +325,12 @@ def copy_rows(conn, table: str, columns: list[tuple], build_chunk, total: int, c
     began = time.perf_counter()
     with conn.cursor() as cur, cur.copy(f"COPY {table} ({names}) FROM STDIN (FORMAT BINARY)") as copy:
         copy.write(header)
-        for lo in range(0, total, chunk):
-            hi = min(lo + chunk, total)
-            fields, values = build_chunk(lo, hi)
-            copy.write(_binary_copy(fields, values, hi - lo))
+        with tqdm(total=total, unit="row", desc=f"COPY {table}", file=sys.stderr, unit_scale=True) as bar:
+            for lo in range(0, total, chunk):
+                hi = min(lo + chunk, total)
+                fields, values = build_chunk(lo, hi)
+                copy.write(_binary_copy(fields, values, hi - lo))
+                bar.update(hi - lo)
         copy.write(struct.pack(">h", -1))
     return time.perf_counter() - began
 
