@@ -13,6 +13,12 @@ application picks which (bench/README.md has the measurements behind every numbe
   whole database grows. The query orders by exactly that cast with the tenant id as a literal (or
   PostgreSQL cannot prove the index's predicate) and turns off the plans that would sort instead.
 
+A **reference search** ("who is this?") of a tenant with an identity index runs in two stages in one
+statement: the identity graph (one vector per character, a quarter of the rows) shortlists
+`SHORTLIST_FACTOR × limit` characters at a small `ef_search`, then every reference of those
+characters is scored exactly and each character ranked by its best one. The per-tenant reference
+index serves only tenants with many references but too few identities for an identity index.
+
 The choice is "does a valid index of this tenant exist?": a tenant that just crossed the threshold
 is searched exactly (correct, slower) until its index is built. The tenant id is always in the
 WHERE clause of either plan; an index scan can only return rows of the index's own tenant.
@@ -41,16 +47,23 @@ from characters.faces import embedder_infos
 
 logger = logging.getLogger(__name__)
 
-#: candidates the HNSW scan keeps; bench/search.py: per-tenant graphs reach identity recall 0.99+ here
-EF_SEARCH = 200
+#: candidates the HNSW scan keeps, per table (bench/search.py: identity recall 0.99+ at 1M). The
+#: identity graph is a quarter the size and its vectors are each character's mean, nearer any new
+#: photo of them than a single reference, so it needs far fewer
+EF_SEARCH = {"faceemb": 200, "identity": 64}
+#: a reference search through the identity index shortlists this many characters per one asked for
+SHORTLIST_FACTOR, MIN_SHORTLIST = 2, 20
 #: graph parameters of every per-tenant index
 HNSW_M, HNSW_EF_CONSTRUCTION = 16, 64
 #: table short name -> table
 TABLES = {"faceemb": "characters_faceembedding", "identity": "characters_characteridentity"}
 #: rows of one tenant and embedder from which the tenant gets its own HNSW index over that table
-#: (settings.ALKEMY_SEARCH_INDEX_MIN_ROWS overrides); below half of it the index is dropped again.
-#: Exact scans stay under ~5 ms below these counts (bench/README.md, "Choosing the plan").
-MIN_ROWS = {"faceemb": 2000, "identity": 500}
+#: (settings.ALKEMY_SEARCH_INDEX_MIN_ROWS overrides; None: never); below half of it the index is
+#: dropped again. Reference searches go through the identity graph from 300 characters on; below
+#: that a tenant has at most 1,500 references (MAX_REFERENCES 5), an exact scan of ~5 ms
+#: (bench/README.md). No reference graphs by default: each partial index build reads the whole
+#: reference heap (2.6 GB at 1M rows), and the identity graph answers the same question faster.
+MIN_ROWS: dict[str, int | None] = {"faceemb": None, "identity": 300}
 #: binary-quantised shortlist re-ranked at full precision by the platform-wide search
 PLATFORM_SHORTLIST = 100
 #: advisory lock key held while indexes are created or dropped (one sync at a time)
@@ -94,7 +107,7 @@ def _checked(embedder: str) -> int:
     return infos[embedder].dims
 
 
-def min_rows() -> dict[str, int]:
+def min_rows() -> dict[str, int | None]:
     return {**MIN_ROWS, **getattr(settings, "ALKEMY_SEARCH_INDEX_MIN_ROWS", {})}
 
 
@@ -150,14 +163,43 @@ def _valid_index(cursor, name: str) -> bool:
     return _index_seen[key][1]
 
 
+def _pinned(table: str) -> tuple[str, ...]:
+    """Settings that leave PostgreSQL only the HNSW index scan for the ORDER BY distance LIMIT."""
+    return (
+        "SET LOCAL enable_seqscan = off",
+        "SET LOCAL enable_bitmapscan = off",
+        "SET LOCAL enable_sort = off",
+        # only the excluded character can be filtered out: relaxed order keeps scanning past it
+        "SET LOCAL hnsw.iterative_scan = relaxed_order",
+        f"SET LOCAL hnsw.ef_search = {int(EF_SEARCH[table])}",
+    )
+
+
 def plan_search(cursor, *, table: str, tenant_id: int, embedder: str, exclude_character: bool = False) -> SearchPlan:
-    """The SQL and settings of one tenant search (also what the tests EXPLAIN)."""
+    """The SQL and settings of one tenant search (also what the tests EXPLAIN).
+
+    `%(candidates)s` is the rows the SQL returns, except for the two-stage reference search
+    (strategy "hnsw" with an identity index) where it is the characters shortlisted."""
     dims = _checked(embedder)
     tenant_id = int(tenant_id)
+    exclude = "AND character_id <> %(exclude)s " if exclude_character else ""
+    if table == "faceemb":
+        identity_index = tenant_index_name("identity", tenant_id, embedder)
+        if _valid_index(cursor, identity_index):
+            shortlist = (
+                f"SELECT character_id FROM {TABLES['identity']} "
+                f"WHERE embedder = '{embedder}' AND tenant_id = {tenant_id} {exclude}"
+                f"ORDER BY {_index_distance(dims)} LIMIT %(candidates)s"
+            )
+            sql = (
+                f"SELECT character_id, reference_id, {_similarity(dims)} AS similarity FROM {TABLES['faceemb']} "
+                f"WHERE embedder = '{embedder}' AND tenant_id = {tenant_id} "
+                f"AND character_id = ANY(ARRAY({shortlist}))"
+            )
+            return SearchPlan("hnsw", identity_index, sql, _pinned("identity"))
     index = tenant_index_name(table, tenant_id, embedder)
     hnsw = _valid_index(cursor, index)
     reference = "reference_id" if table == "faceemb" else "NULL"
-    exclude = "AND character_id <> %(exclude)s " if exclude_character else ""
     order = _index_distance(dims) if hnsw else "similarity DESC"
     sql = (
         f"SELECT character_id, {reference}, {_similarity(dims)} AS similarity FROM {TABLES[table]} "
@@ -165,15 +207,7 @@ def plan_search(cursor, *, table: str, tenant_id: int, embedder: str, exclude_ch
         f"ORDER BY {order} LIMIT %(candidates)s"
     )
     if hnsw:
-        pinned = (
-            "SET LOCAL enable_seqscan = off",
-            "SET LOCAL enable_bitmapscan = off",
-            "SET LOCAL enable_sort = off",
-            # only the excluded character can be filtered out: relaxed order keeps scanning past it
-            "SET LOCAL hnsw.iterative_scan = relaxed_order",
-            f"SET LOCAL hnsw.ef_search = {int(EF_SEARCH)}",
-        )
-        return SearchPlan("hnsw", index, sql, pinned)
+        return SearchPlan("hnsw", index, sql, _pinned(table))
     return SearchPlan("exact", None, sql, ("SET LOCAL enable_seqscan = off",))
 
 
@@ -198,14 +232,18 @@ def search_references(
         embedder=embedder,
         exclude_character=exclude_character_id is not None,
     )
+    two_stage = plan.index is not None and plan.index.startswith("identity_")
     params = {
         "query": vector_literal(vector),
         "exclude": exclude_character_id,
-        # each character has at most MAX_REFERENCES rows, so this many rows hold `limit` characters
-        "candidates": limit * max(settings.ALKEMY_MAX_REFERENCES, 1),
+        # characters shortlisted by identity, or (one stage) rows: each character has at most
+        # MAX_REFERENCES of them, so this many rows hold `limit` characters
+        "candidates": max(SHORTLIST_FACTOR * limit, MIN_SHORTLIST)
+        if two_stage
+        else limit * max(settings.ALKEMY_MAX_REFERENCES, 1),
     }
     best: dict[int, Neighbour] = {}
-    # relaxed order can return rows slightly out of order: sort again
+    # relaxed order can return rows slightly out of order, the two-stage SQL returns them unordered
     for character_id, reference_id, similarity in sorted(run_search(cursor, plan, params), key=lambda r: -r[2]):
         if character_id not in best:
             best[character_id] = Neighbour(character_id, reference_id, float(similarity))
@@ -370,15 +408,16 @@ def sync_tenant_indexes(
                 {"table": name, "pattern": f"{table}\\_t%"},
             )
             existing = dict(cursor.fetchall())
+            threshold = thresholds[table]
             wanted = {
                 tenant_index_name(table, t, e): (t, e)
                 for (t, e), n in counts.items()
-                if e in infos and n >= thresholds[table]
+                if e in infos and threshold is not None and n >= threshold
             }
             keep_until = {
                 tenant_index_name(table, t, e)
                 for (t, e), n in counts.items()
-                if e in infos and n >= thresholds[table] / 2
+                if e in infos and threshold is not None and n >= threshold / 2
             }
             for index, valid in existing.items():
                 mine = tenant_id is None or index.startswith(f"{table}_t{int(tenant_id)}_")

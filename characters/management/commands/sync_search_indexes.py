@@ -10,7 +10,7 @@ class Command(BaseCommand):
         "Give every tenant with enough face embeddings of one embedder its own HNSW index (and drop the indexes "
         "of tenants that shrank below half the threshold). Runs every 5 minutes on the default cluster; "
         "run it by hand after a large import. Thresholds: "
-        + ", ".join(f"{table} {rows} rows" for table, rows in min_rows().items())
+        + ", ".join(f"{table} {'never' if rows is None else f'{rows} rows'}" for table, rows in min_rows().items())
         + " (settings.ALKEMY_SEARCH_INDEX_MIN_ROWS)."
     )
 
