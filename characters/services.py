@@ -11,6 +11,7 @@ from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import IntegrityError, transaction
+from django.db.models import Count
 from django.utils.text import slugify
 from PIL import Image
 
@@ -381,7 +382,12 @@ def identity_duplicates(*, character: Character, identity: CharacterIdentity | N
 
 
 def _with_characters(neighbours, info: EmbedderInfo) -> list[SimilarCharacter]:
-    characters = Character.objects.unscoped().in_bulk([n.character_id for n in neighbours])
+    # with their reference counts in the same query: the serializer would count each one's (N+1)
+    characters = (
+        Character.objects.unscoped()
+        .annotate(reference_count=Count("references"))
+        .in_bulk([n.character_id for n in neighbours])
+    )
     return [
         SimilarCharacter(
             character=characters[n.character_id],
