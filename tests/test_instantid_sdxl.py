@@ -112,6 +112,29 @@ def test_renders_the_production_default_size_with_production_latent_and_control_
     assert seen == [((2, 4, 128, 128), (2, 3, 1024, 1024))] * STEPS
 
 
+def test_identitynet_encodes_the_control_image_once_per_generation_with_the_same_result(
+    method, astronaut_face, monkeypatch
+):
+    """The condition encoder's features are computed at the first step and reused: same pixels as
+    recomputing them at every step (diffusers' ControlNet), one encoder call instead of `steps`."""
+    from generation.methods import instantid_sdxl
+
+    encoder = method.pipeline.controlnet.controlnet_cond_embedding
+    calls = []
+    hook = encoder.register_forward_hook(lambda module, args, output: calls.append(args[0].shape))
+    try:
+        request = request_for(astronaut_face, steps=3, seed=11)
+        once = method.generate(request)[0]
+        assert len(calls) == 1
+        monkeypatch.setattr(instantid_sdxl._EncodedOnce, "forward", lambda self, image: self.encoder(image))
+        every_step = method.generate(request)[0]
+        assert len(calls) == 1 + 3
+    finally:
+        hook.remove()
+    assert np.array_equal(pixels(once), pixels(every_step))
+    assert method.pipeline.controlnet.controlnet_cond_embedding is encoder  # put back after the loop
+
+
 def test_same_seed_same_image_other_seed_other_image(method, astronaut_face):
     first = method.generate(request_for(astronaut_face, seed=3))[0]
     again = method.generate(request_for(astronaut_face, seed=3))[0]

@@ -313,6 +313,8 @@ class InstantIdSdxlMethod(GenerationMethod):
             region = torch.from_numpy(face_mask)[None, None].to(device, pipe.controlnet.dtype)
             set_region_masks(pipe.unet, attention_region_masks(region, latents.shape[-2:], pipe.unet))
         set_ip_scale(pipe.unet, ip_scale)
+        encoder = pipe.controlnet.controlnet_cond_embedding
+        pipe.controlnet.controlnet_cond_embedding = _EncodedOnce(encoder, control)
         try:
             for index, t in enumerate(timesteps):
                 model_input = torch.cat([latents] * 2) if cfg else latents
@@ -348,6 +350,7 @@ class InstantIdSdxlMethod(GenerationMethod):
                 if on_step is not None:
                     on_step(index + 1, len(timesteps))
         finally:
+            pipe.controlnet.controlnet_cond_embedding = encoder
             set_region_masks(pipe.unet, None)
 
         images = self._decode(latents)
@@ -414,3 +417,23 @@ def _compile_transformer_blocks(*models) -> None:
         for module in model.modules():
             if isinstance(module, BasicTransformerBlock):
                 module.compile()
+
+
+class _EncodedOnce(torch.nn.Module):
+    """IdentityNet's condition encoder for one generation: it encodes the control image (the face keypoints,
+    at the full output size) at the first step and hands the same features back at every later step, which
+    diffusers' ControlNet would recompute each step although its input never changes. Any other input is
+    encoded as usual. At 1024x1024 on a CPU this encoder was ~45 % of a tiny InstantID run."""
+
+    def __init__(self, encoder: torch.nn.Module, control: torch.Tensor):
+        super().__init__()
+        self.encoder = encoder
+        self.control = control
+        self.encoded: torch.Tensor | None = None
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if image is not self.control:
+            return self.encoder(image)
+        if self.encoded is None:
+            self.encoded = self.encoder(image)
+        return self.encoded
