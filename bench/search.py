@@ -1016,7 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exact-queries", type=int, default=50, help="queries for the forced exact scans")
     parser.add_argument("--ef", default="100,400", help="hnsw.ef_search values tried besides production's")
     parser.add_argument("--concurrent-inserts", action="store_true", help="also measure under an insert stream")
-    parser.add_argument("--prewarm", action="store_true", help="pg_prewarm the per-tenant indexes, and the heaps into the OS cache")
+    parser.add_argument("--prewarm", action="store_true", help="pg_prewarm indexes; heaps into the OS cache")
     parser.add_argument("--bit-hnsw-ef", default="", help="alternative: Hamming HNSW over identity codes at these ef")
     parser.add_argument("--bit-tenant-ef", default="", help="alternative: per-tenant Hamming HNSW at these ef")
     parser.add_argument("--skip-sweeps", action="store_true", help="production rows (and alternatives) only")
