@@ -75,19 +75,22 @@ def test_portraits_take_the_coarse_scan():
         assert embedder._detect_coarse(small) is not None, name
 
 
-def test_numpy_resnet_gives_dlibs_descriptors():
-    """The recogniser run in numpy (characters/faces/dlib_resnet.py) equals dlib's own, chip by chip."""
+def test_numpy_and_onnx_resnets_give_dlibs_descriptors():
+    """The recogniser run in numpy and in onnxruntime (characters/faces/dlib_resnet.py) equals dlib's own,
+    chip by chip; the embedder uses the onnxruntime one (installed with requirements/base.txt)."""
     import dlib
 
     from characters.faces.dlib_backend import RECOGNISER, models_dir
-    from characters.faces.dlib_resnet import FaceRecogniser
+    from characters.faces.dlib_resnet import FaceRecogniser, OnnxFaceRecogniser
 
     embedder = get_embedder("dlib")
-    ours = embedder._resnet or FaceRecogniser(models_dir() / RECOGNISER)
+    assert isinstance(embedder._resnet, OnnxFaceRecogniser)
+    ours = [embedder._resnet, FaceRecogniser(models_dir() / RECOGNISER)]
     theirs = dlib.face_recognition_model_v1(str(models_dir() / RECOGNISER))
     for name, pixels in photos.people().items():
         pixels = np.ascontiguousarray(pixels)
         rects, _, _ = embedder._detector.run(pixels, 1, 0.2)
         chip = dlib.get_face_chip(pixels, embedder._predictor(pixels, rects[0]), 150, 0.25)
         expected = np.asarray(theirs.compute_face_descriptor(chip))
-        assert np.abs(ours.descriptor(chip) - expected).max() < 1e-5, name
+        for recogniser in ours:
+            assert np.abs(recogniser.descriptor(chip) - expected).max() < 1e-5, (name, type(recogniser).__name__)
