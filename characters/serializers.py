@@ -46,6 +46,29 @@ class CharacterSerializer(StrictModelSerializer):
             "updated_at": _iso_datetime(instance.updated_at),
         }
 
+    @staticmethod
+    def rows_representation(rows) -> list[dict]:
+        """`to_representation` of `selectors.character_rows` tuples (the list's page): the same dicts without a
+        model instance per row (tests/test_load_paths.py compares them with DRF's fields)."""
+        results = []
+        for pk, name, slug, description, tags, archived, reference_count, created, updated in rows:
+            if created.__class__ is not str:  # a time zone other than UTC: datetimes, formatted here
+                created, updated = _iso_datetime(created), _iso_datetime(updated)
+            results.append(
+                {
+                    "id": pk,
+                    "name": name,
+                    "slug": slug,
+                    "description": description,
+                    "tags": tags,
+                    "archived": archived,
+                    "reference_count": reference_count,
+                    "created_at": created,
+                    "updated_at": updated,
+                }
+            )
+        return results
+
 
 def _iso_datetime(value) -> str | None:
     """DRF's DateTimeField output: ISO 8601 in the current time zone, UTC as `Z`."""

@@ -67,3 +67,92 @@ def test_a_page_further_than_postgresql_can_offset_is_past_the_end(api_a, studio
     for path in ("/api/v1/characters", "/api/v1/generations", "/api/v1/usage/events"):
         response = api_a.get(f"{path}?page=4154385444300455680147456&page_size=76")
         assert response.status_code == 404, (path, response.content)  # not a 500 from OFFSET out of bigint range
+
+
+@pytest.fixture
+def varied(studio_a, many):
+    """Characters whose rows test the list's tuple path: whole-second and sub-second timestamps, a tenth and a
+    millionth of a second, empty tags and description, archived ones, photos (reference_count > 0)."""
+    from datetime import UTC, datetime
+
+    from characters.models import Character, ReferenceImage
+
+    tenant = studio_a.tenant
+    made = [
+        character_create(tenant=tenant, name="Zed", description="", tags=[]),
+        character_create(tenant=tenant, name="Ann", description='Lead, "quoted" é 😀', tags=["lead", "b"]),
+        character_create(tenant=tenant, name="Person 005", description="same name as another"),
+        character_create(tenant=tenant, name="Old", tags=["x"]),
+    ]
+    character_update(character=made[3], is_archived=True)
+    stamps = [
+        (datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), datetime(2026, 1, 2, 3, 4, 6, 100000, tzinfo=UTC)),
+        (datetime(2025, 12, 31, 23, 59, 59, 1, tzinfo=UTC), datetime(2026, 6, 30, 22, 0, tzinfo=UTC)),
+        (datetime(2026, 3, 29, 0, 30, tzinfo=UTC), datetime(2026, 10, 25, 1, 30, 0, 999999, tzinfo=UTC)),
+    ]
+    for character, (created, updated) in zip(made, stamps, strict=False):
+        Character.objects.unscoped().filter(pk=character.pk).update(created_at=created, updated_at=updated)
+    Character.objects.unscoped().filter(pk=many[7].pk).update(
+        created_at=datetime(2026, 5, 5, tzinfo=UTC), updated_at=datetime(2026, 5, 5, tzinfo=UTC)
+    )
+    for character, photos in ((made[1], 2), (many[4], 1)):
+        for n in range(photos):
+            ReferenceImage.objects.unscoped().create(
+                tenant=tenant, character=character, file=f"x/{character.pk}-{n}.jpg", sha256=f"{n:064d}",
+                image_format="JPEG", file_size=1, width=1, height=1, embedder="test", face_box=[0, 0, 1, 1],
+                landmarks=[[0, 0]] * 5, det_score=0.9,
+            )  # fmt: skip
+    return made
+
+
+LIST_QUERIES = [
+    "",
+    "?page_size=7&page=3",
+    "?page_size=200",
+    "?page=2",
+    "?search=person 00",
+    "?search=quoted",
+    "?search=nobody",
+    "?tag=lead",
+    "?tag=LEAD&archived=false&page_size=3&page=2",
+    "?archived=true",
+    "?archived=false&ordering=-created_at",
+    "?ordering=updated_at,-name&page_size=11&page=2",
+    "?ordering=-name",
+    "?ordering=created_at&search=e&page_size=5",
+    "?page_size=50&page=99",
+    "?page=0",
+    "?ordering=nope",
+]
+
+
+def test_list_tuples_answer_byte_for_byte_what_the_model_path_did(api_a, studio_a, varied, monkeypatch, settings):
+    """The list reads its page as tuples with PostgreSQL-formatted timestamps; DRF's ListModelMixin with the
+    ModelSerializer's fields (the general path) must answer the same bytes, in UTC and in another time zone."""
+    from django.utils import timezone as dj_timezone
+    from rest_framework import mixins
+
+    from characters.api import CharacterViewSet
+
+    def answers():
+        responses = {url: api_a.get(f"/api/v1/characters{url}") for url in LIST_QUERIES}
+        return {url: (response.status_code, response.content) for url, response in responses.items()}
+
+    fast = answers()
+    with dj_timezone.override("America/St_Johns"):  # -03:30 / -02:30: offsets, DST
+        fast_local = answers()
+    empty_fast = make_tenant("studio-empty").client().get("/api/v1/characters").content
+    monkeypatch.setattr(CharacterViewSet, "list", mixins.ListModelMixin.list)
+    monkeypatch.setattr(CharacterSerializer, "to_representation", serializers.ModelSerializer.to_representation)
+    general = answers()
+    with dj_timezone.override("America/St_Johns"):
+        general_local = answers()
+    assert fast == general
+    assert fast_local == general_local
+    assert make_tenant("studio-empty2").client().get("/api/v1/characters").content == empty_fast
+    body = fast["?page_size=200"][1].decode()
+    for text in ('"2026-01-02T03:04:05Z"', '"2026-01-02T03:04:06.100000Z"', '"2025-12-31T23:59:59.000001Z"',
+                 '"2026-10-25T01:30:00.999999Z"', '"2026-05-05T00:00:00Z"', '"reference_count":2'):  # fmt: skip
+        assert text in body
+    local = fast_local["?page_size=200"][1].decode()
+    assert '"2026-01-01T23:34:05-03:30"' in local and '"2026-06-30T19:30:00-02:30"' in local
