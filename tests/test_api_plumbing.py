@@ -125,6 +125,25 @@ def test_list_is_paginated_filterable_and_searchable(studio_a, api_a):
     assert names == ["Nadia", "Extra 6"]
 
 
+def test_paging_through_characters_of_one_name_repeats_and_skips_none(studio_a, api_a):
+    """Rows that tie on the ordering are ordered by id as well, so every page is stable."""
+    ids = sorted(character_create(tenant=studio_a.tenant, name="Twin", slug=f"twin-{i}").pk for i in range(6))
+    for ordering in ("", "&ordering=name", "&ordering=-name"):
+        seen = [
+            c["id"]
+            for p in range(1, 7)
+            for c in api_a.get(f"/api/v1/characters?page_size=1&page={p}{ordering}").json()["results"]
+        ]
+        assert seen == ids, ordering
+
+
+def test_an_empty_choice_filter_is_refused_not_ignored(api_a):
+    """`?method=` is none of the documented methods: 400 naming it, not every generation."""
+    response = api_a.get("/api/v1/generations?method=&status=succeeded")
+    assert response.status_code == 400 and response.json()["error"]["details"]["field"] == "method"
+    assert api_a.get("/api/v1/generations?method=pulid_flux").status_code == 200
+
+
 def test_create_generates_slug_and_normalises_tags(api_a):
     response = api_a.post(
         "/api/v1/characters", {"name": "Dr. Ada Ng", "tags": [" Lead ", "lead", "SciFi"]}, format="json"

@@ -47,6 +47,14 @@ class StrictOrderingFilter(filters.OrderingFilter):
     def get_valid_fields(self, queryset, view, context=None):
         return [(name, name) for name in getattr(view, "ordering_fields", None) or []]
 
+    def get_ordering(self, request, queryset, view):
+        """The client's (or the view's default) ordering, then the primary key: rows that tie (two characters
+        of one name) keep one order from page to page, so paging never repeats or skips one."""
+        ordering = super().get_ordering(request, queryset, view)
+        if ordering and not any(term.lstrip("-") in ("pk", "id") for term in ordering):
+            ordering = [*ordering, "pk"]
+        return ordering
+
     def remove_invalid_fields(self, queryset, fields, view, request):
         allowed = {name for name, _ in self.get_valid_fields(queryset, view)}
         unknown = [term for term in fields if term.lstrip("-") not in allowed]
@@ -89,4 +97,16 @@ class DjangoFilterBackend(filterset_backends.DjangoFilterBackend):
             names = tuple(filterset_class.base_filters)
             if not any(param.startswith(names) for param in request.query_params):
                 return queryset
+            # the schema lists a choice filter's values (an enum): an empty one is not among them, and
+            # django-filter would silently ignore it (`?method=` answering every method)
+            empty = [
+                name
+                for name, declared in filterset_class.base_filters.items()
+                if isinstance(declared, (django_filters.ChoiceFilter, django_filters.MultipleChoiceFilter))
+                and "" in request.query_params.getlist(name)
+            ]
+            if empty:
+                raise ValidationError(
+                    {name: ["Give one of the listed values, or leave the parameter out."] for name in empty}
+                )
         return super().filter_queryset(request, queryset, view)
