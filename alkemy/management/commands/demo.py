@@ -141,6 +141,9 @@ class Command(BaseCommand):
                 with contextlib.suppress(ProcessLookupError):  # the child and whatever it left in its group
                     os.killpg(child.pid, signal.SIGKILL)
                 child.wait()
+            # SIGKILL is not instant: a worker still dying when this process exits is counted as a live user of
+            # the embedded database, which then stays up after everyone has gone.
+            _wait_until_gone({child.pid for child in children.values()}, timeout=10)
             signal.signal(signal.SIGTERM, previous[0])
             signal.signal(signal.SIGINT, previous[1])
 
@@ -225,3 +228,19 @@ class Command(BaseCommand):
         for rank, match in enumerate(found.results, start=1):
             verdict = "same person" if match.is_match else "different person"
             self.stdout.write(f"  {rank}. {match.character.name:<24} similarity {match.similarity:.3f}  ({verdict})")
+
+
+def _wait_until_gone(groups: set[int], timeout: float) -> None:
+    """Wait until no process of these process groups is alive (a zombie counts as gone: nothing may reap it)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = []
+        for proc in psutil.process_iter(["status"]):
+            with contextlib.suppress(psutil.Error, OSError):
+                if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) in groups:
+                    alive.append(proc)
+        if not alive:
+            return
+        time.sleep(0.05)
