@@ -83,6 +83,8 @@ def varied(studio_a, many):
         character_create(tenant=tenant, name="Ann", description='Lead, "quoted" é 😀', tags=["lead", "b"]),
         character_create(tenant=tenant, name="Person 005", description="same name as another"),
         character_create(tenant=tenant, name="Old", tags=["x"]),
+        character_create(tenant=tenant, name="100% Real_Name", description="O'Brien \\ back\\slash", tags=["lead"]),
+        character_create(tenant=tenant, name="1000 RealXName", description="no wildcards here"),
     ]
     character_update(character=made[3], is_archived=True)
     stamps = [
@@ -123,6 +125,28 @@ LIST_QUERIES = [
     "?page_size=50&page=99",
     "?page=0",
     "?ordering=nope",
+    # the search's LIKE wildcards and escapes are text, as in Django's icontains; DRF's quoting and commas
+    "?search=100%25",
+    "?search=l_n",
+    "?search=real_",
+    "?search=%5C",
+    "?search=back%5Cslash",
+    "?search=o'brien",
+    '?search="lead, quoted"',
+    "?search=lead,quoted",
+    "?search=PERSON+0+05",
+    "?search=%C3%89",
+    "?search=a%00b",
+    "?search=",
+    "?tag=+Lead+",
+    "?tag=",
+    "?archived=",
+    "?archived=1&tag=x",
+    "?ordering=",
+    "?ordering=name,",
+    "?ordering=-updated_at,created_at,name&search=e&tag=lead",
+    "?page_size=0",
+    "?page_size=abc",
 ]
 
 

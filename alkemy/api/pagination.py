@@ -24,12 +24,15 @@ class OneQueryPaginator(DjangoPaginator):
     of a COUNT(*) and then the page: one query less for every list (bench/load.py). Falls back to Django's
     COUNT(*) for an empty page (past the end, or nothing at all), a DISTINCT or combined query (where a window
     counts the wrong rows), a sliced, `.values()`, flat or named `.values_list()` queryset, or a list that is not
-    a queryset. Plain `.values_list()` tuples come without the total (the list of characters reads its page so)."""
+    a queryset. Plain `.values_list()` tuples come without the total. An object with `page_with_total(offset,
+    limit)`, `count()` and slicing (`characters.selectors.CharacterRows`) reads its page and total itself."""
 
     TOTAL = "_alkemy_page_total"
 
     def page(self, number):
         queryset = self.object_list
+        if hasattr(queryset, "page_with_total"):  # a row source that reads a page and the total at once
+            return self._page_of_source(number)
         query = getattr(queryset, "query", None)
         if (
             query is None
@@ -57,6 +60,21 @@ class OneQueryPaginator(DjangoPaginator):
             rows = [row[:-1] for row in rows]
         else:
             self.__dict__["count"] = getattr(rows[0], self.TOTAL)
+        return self._get_page(rows, number, self)
+
+
+    def _page_of_source(self, number):
+        try:
+            number = int(number)
+        except (TypeError, ValueError):
+            return super().page(number)
+        bottom = (number - 1) * self.per_page
+        if number < 1 or bottom + self.per_page > BIGINT_MAX:
+            return super().page(number)  # Django's errors; past the end for sure
+        rows, total = self.object_list.page_with_total(bottom, self.per_page)
+        if not rows:
+            return super().page(number)  # COUNT(*): an empty first page, or past the end (404)
+        self.__dict__["count"] = total
         return self._get_page(rows, number, self)
 
 
