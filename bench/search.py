@@ -339,8 +339,10 @@ def load(conn, data: Dataset) -> dict:
     emb = EMBEDDER.encode()
     stamp = int((dt.datetime.now(dt.UTC) - PG_EPOCH).total_seconds() * 1_000_000)
     with conn.cursor() as cur:
-        for table in ("characters_faceembedding", "characters_characteridentity"):
+        for table in ("characters_faceembedding", "characters_characteridentity", "characters_identity_log_state",
+                      "characters_identity_log"):  # fmt: skip
             cur.execute(f"DROP TABLE IF EXISTS {table}")
+        cur.execute("DROP FUNCTION IF EXISTS characters_identity_logged()")
         cur.execute(REFERENCE_DDL)
         cur.execute(IDENTITY_DDL)
         for statement in STORAGE_SQL:
@@ -422,6 +424,15 @@ def load(conn, data: Dataset) -> dict:
 
 REFERENCE_COLUMNS = ["id", "tenant_id", "character_id", "reference_id", "embedder", "dims", "embedding", "created_at"]
 IDENTITY_COLUMNS = ["id", "tenant_id", "character_id", "embedder", "dims", "embedding", "reference_count", "updated_at"]
+
+
+def ensure_identity_log(conn) -> None:
+    """Migration 0009's identity log and its triggers, after the load (as on a database migrated with rows in
+    it): the platform-wide search keeps its codes current from it (characters/platform_codes.py)."""
+    import importlib
+
+    if conn.execute("SELECT to_regclass('characters_identity_log')").fetchone()[0] is None:
+        conn.execute(importlib.import_module("characters.migrations.0009_identity_change_log").FORWARD)
 
 
 def dataset_key(args, size: int) -> dict:
@@ -562,12 +573,16 @@ def explain(conn, table: str, scope: Scope) -> dict:
 
     with conn.cursor() as cur:
         query = search.vector_literal(scope.queries[0])
-        if scope.tenant is None:
+        if scope.tenant is None:  # the codes scanned in this process (characters/platform_codes.py), then SQL
+            ids = search.platform_codes.shortlist(
+                cur, embedder=EMBEDDER, dims=len(scope.queries[0]), vector=scope.queries[0],
+                size=search.PLATFORM_SHORTLIST,
+            )  # fmt: skip
+            assert ids is not None, "the platform-wide search must run from memory here"
             cur.execute(
-                "EXPLAIN (FORMAT JSON) " + search.platform_search_sql(EMBEDDER),
-                {"query": query, "shortlist": search.PLATFORM_SHORTLIST, "limit": TOP_K},
+                "EXPLAIN (FORMAT JSON) " + search.rerank_sql(EMBEDDER), {"query": query, "ids": ids, "limit": TOP_K}
             )
-            info = {"strategy": "platform"}
+            info = {"strategy": "platform", "index": "codes in memory, re-rank of the shortlist"}
         else:
             plan = search.plan_search(cur, table=table, tenant_id=scope.tenant, embedder=EMBEDDER)
             cur.execute("; ".join(plan.settings))
@@ -856,6 +871,7 @@ def run_size(args, size: int, conn, open_connection, out: dict, save) -> dict:
     else:
         log("tables already hold this dataset: reusing them")
         out["load"] = "reused"
+    ensure_identity_log(conn)
     out["index_build"] = build_indexes(conn, args)
     out["relation_mb"] = relation_sizes(conn)
     save()

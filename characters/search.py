@@ -24,10 +24,12 @@ is searched exactly (correct, slower) until its index is built. The tenant id is
 WHERE clause of either plan; an index scan can only return rows of the index's own tenant.
 
 **Platform-wide** search (`platform_nearest_characters`, superusers only: duplicates across studios)
-scans every identity's binary quantisation (`embedding_bits`, a stored generated column,
+ranks every identity's binary quantisation (`embedding_bits`, a stored generated column,
 `binary_quantize(embedding)`, 64 bytes for 512-d) by Hamming distance, keeps a shortlist and
-re-ranks it at full precision; then each found character's best reference is read exactly.
-(ArcFace only: dlib's uncentred descriptors are scanned exactly, see BINARY_SHORTLIST_EMBEDDERS.)
+re-ranks it at full precision; then each found character's best reference is read exactly. The codes
+are scanned in this process's memory (`characters.platform_codes`, kept current from an identity change
+log), or by PostgreSQL in a transaction that has written itself. (ArcFace only: dlib's uncentred
+descriptors are scanned exactly, see BINARY_SHORTLIST_EMBEDDERS.)
 
 Literal SQL: embedder names come from the registry and tenant ids are ints, never request text.
 """
@@ -43,6 +45,7 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from alkemy.metrics import SEARCH_SECONDS
+from characters import platform_codes
 from characters.faces import embedder_infos
 
 logger = logging.getLogger(__name__)
@@ -336,6 +339,15 @@ def platform_search_sql(embedder: str) -> str:
     )
 
 
+def rerank_sql(embedder: str) -> str:
+    """The identities of a shortlist (`platform_codes.shortlist`) by their full-precision similarity."""
+    return (
+        f"SELECT tenant_id, character_id, {_similarity(_checked(embedder))} AS similarity "
+        f"FROM characters_characteridentity WHERE id = ANY(%(ids)s) AND embedder = '{embedder}' "
+        f"ORDER BY similarity DESC LIMIT %(limit)s"
+    )
+
+
 def best_references_sql(embedder: str) -> str:
     dims = _checked(embedder)
     return (
@@ -351,8 +363,14 @@ def search_platform(
     """Every tenant's characters nearest to `vector` by identity, with each one's best reference.
 
     Runs on `cursor`; never call it for a tenant: it crosses tenants by design."""
-    query = vector_literal(vector)
-    cursor.execute(platform_search_sql(embedder), {"query": query, "shortlist": max(shortlist, limit), "limit": limit})
+    query, size = vector_literal(vector), max(shortlist, limit)
+    ids = None
+    if embedder in BINARY_SHORTLIST_EMBEDDERS:
+        ids = platform_codes.shortlist(cursor, embedder=embedder, dims=_checked(embedder), vector=vector, size=size)
+    if ids is None:  # dlib, or this transaction wrote identities: PostgreSQL scans, seeing its own writes
+        cursor.execute(platform_search_sql(embedder), {"query": query, "shortlist": size, "limit": limit})
+    else:
+        cursor.execute(rerank_sql(embedder), {"query": query, "ids": ids, "limit": limit})
     found = [(int(t), int(c), float(s)) for t, c, s in cursor.fetchall()]
     best: dict[int, tuple[int, float]] = {}
     if found:
