@@ -457,8 +457,11 @@ def sync_tenant_indexes(
 
 
 def tenant_indexes_sync(*, tenant_id: int | None = None, thresholds: dict[str, int] | None = None) -> SyncReport:
-    """Django entry point of `sync_tenant_indexes` (schedule, management command, migration 0007)."""
+    """Django entry point of `sync_tenant_indexes` (schedule, management command); also prunes the identity log
+    of the platform-wide search's codes (`platform_codes.prune_log`)."""
     with connection.cursor() as cursor:
-        return sync_tenant_indexes(
+        report = sync_tenant_indexes(
             cursor, concurrently=not connection.in_atomic_block, thresholds=thresholds, tenant_id=tenant_id
         )
+        platform_codes.prune_log(cursor)
+    return report

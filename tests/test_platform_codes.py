@@ -200,3 +200,18 @@ def test_many_deletions_compact_the_matrix(identities):
     codes = platform_codes._cache[EMBEDDER]
     assert codes.rows == len(codes.position) == 100  # the dead rows are gone
     assert not set(found(near(centres[3], rng, spread=0.2), limit=20)) & {c.pk for c in characters[:200]}
+
+
+def test_the_index_sync_schedule_prunes_the_log(identities):
+    from characters.search import tenant_indexes_sync
+
+    def logged() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM characters_identity_log")
+            return cursor.fetchone()[0]
+
+    assert logged() >= 300
+    tenant_indexes_sync()  # remembers where the log was ...
+    assert logged() >= 300
+    tenant_indexes_sync()  # ... and deletes what is older than that, one run later
+    assert logged() == 0
