@@ -49,45 +49,59 @@ WHERE embedder = %(embedder)s AND id = ANY(%(ids)s)
 
 @dataclass
 class _Codes:
-    """One embedder's codes. Rows of deleted identities stay (dead) until the matrix is compacted."""
+    """One embedder's codes, one row of `codes` per 64-bit word of the code (column `r` is identity `ids[r]`):
+    the scan then runs over long contiguous rows. Columns of deleted identities stay (dead, id -1) until the
+    matrix is compacted."""
 
     dims: int
     snapshot: str = ""
-    codes: np.ndarray = field(default=None)  # uint64 [capacity, dims / 64]
-    ids: np.ndarray = field(default=None)  # int64 identity id per row, -1 when dead
-    rows: int = 0  # rows in use (live and dead)
-    position: dict[int, int] = field(default_factory=dict)  # identity id -> row
+    codes: np.ndarray = field(default=None)  # uint64 [dims / 64, capacity]
+    ids: np.ndarray = field(default=None)  # int64 [capacity]: identity id per column, -1 when dead
+    rows: int = 0  # columns in use (live and dead)
+    position: dict[int, int] = field(default_factory=dict)  # identity id -> column
 
-    def reset(self, count: int) -> None:
-        self.codes = np.zeros((max(count, 16), self.dims // 64), dtype=np.uint64)
-        self.ids = np.full(max(count, 16), -1, dtype=np.int64)
+    def reset(self, capacity: int) -> None:
+        self.codes = np.zeros((self.dims // 64, max(capacity, 16)), dtype=np.uint64)
+        self.ids = np.full(max(capacity, 16), -1, dtype=np.int64)
         self.rows = 0
         self.position = {}
 
     def put(self, identity_id: int, code: np.ndarray) -> None:
-        row = self.position.get(identity_id)
-        if row is None:
+        column = self.position.get(identity_id)
+        if column is None:
             if self.rows == len(self.ids):
-                grown = len(self.ids) * 2
-                self.codes = np.resize(self.codes, (grown, self.codes.shape[1]))
-                self.ids = np.concatenate([self.ids, np.full(grown - len(self.ids), -1, dtype=np.int64)])
-            row, self.rows = self.rows, self.rows + 1
-            self.position[identity_id] = row
-            self.ids[row] = identity_id
-        self.codes[row] = code
+                grown = np.zeros((self.codes.shape[0], len(self.ids) * 2), dtype=np.uint64)
+                grown[:, : self.rows] = self.codes
+                self.codes = grown
+                self.ids = np.concatenate([self.ids, np.full(len(self.ids), -1, dtype=np.int64)])
+            column, self.rows = self.rows, self.rows + 1
+            self.position[identity_id] = column
+            self.ids[column] = identity_id
+        self.codes[:, column] = code
 
     def remove(self, identity_id: int) -> None:
-        row = self.position.pop(identity_id, None)
-        if row is not None:
-            self.ids[row] = -1
+        column = self.position.pop(identity_id, None)
+        if column is not None:
+            self.ids[column] = -1
 
     def compact(self) -> None:
         live = self.ids[: self.rows] >= 0
-        codes, ids = self.codes[: self.rows][live], self.ids[: self.rows][live]
+        codes, ids = self.codes[:, : self.rows][:, live], self.ids[: self.rows][live]
         self.reset(len(ids) * 2)
-        self.codes[: len(ids)], self.ids[: len(ids)] = codes, ids
+        self.codes[:, : len(ids)], self.ids[: len(ids)] = codes, ids
         self.rows = len(ids)
-        self.position = {int(identity_id): row for row, identity_id in enumerate(ids)}
+        self.position = {int(identity_id): column for column, identity_id in enumerate(ids)}
+
+    def distances(self, query: np.ndarray) -> np.ndarray:
+        """Hamming distance of every column's code to `query` (uint64 words); dead columns get dims + 1."""
+        count = self.rows
+        total = np.zeros(count, dtype=np.int16)
+        word = np.empty(count, dtype=np.uint64)
+        for row, query_word in zip(self.codes[:, :count], query, strict=True):
+            np.bitwise_xor(row, query_word, out=word)
+            total += np.bitwise_count(word)
+        total[self.ids[:count] < 0] = self.dims + 1
+        return total
 
 
 _cache: dict[str, _Codes] = {}
@@ -131,7 +145,7 @@ def _load(cursor, embedder: str, dims: int) -> _Codes | None:
     loaded.reset(len(body) + len(body) // 4)
     if body:
         count = len(body)
-        loaded.codes[:count] = _codes_of([record[3] for record in body], dims)
+        loaded.codes[:, :count] = _codes_of([record[3] for record in body], dims).T
         loaded.ids[:count] = [record[0] for record in body]
         loaded.rows = count
         loaded.position = {record[0]: row for row, record in enumerate(body)}
@@ -181,12 +195,16 @@ def shortlist(cursor, *, embedder: str, dims: int, vector: np.ndarray, size: int
             _cache[embedder] = codes
         if not codes.position:
             return []
-        matrix, ids = codes.codes[: codes.rows], codes.ids[: codes.rows]
-        distances = np.bitwise_count(matrix ^ query_code(vector)).sum(axis=1, dtype=np.int32)
-        distances[ids < 0] = dims + 1  # deleted identities last
-        size = min(size, len(codes.position))
-        nearest = np.argpartition(distances, size - 1)[:size] if size < len(distances) else np.arange(len(distances))
-        return [int(identity_id) for identity_id in ids[nearest] if identity_id >= 0]
+        distances = codes.distances(query_code(vector))
+        return codes.ids[_smallest(distances, min(size, len(codes.position)))].tolist()
+
+
+def _smallest(distances: np.ndarray, size: int) -> np.ndarray:
+    """Indexes of `size` smallest small non-negative ints: those under the size-th value, then that value's
+    first ones (a histogram: 3x faster than a partial sort of 250k)."""
+    edge = int(np.searchsorted(np.cumsum(np.bincount(distances)), size))
+    inside = np.flatnonzero(distances < edge)
+    return np.concatenate([inside, np.flatnonzero(distances == edge)[: size - len(inside)]])
 
 
 def prune_log(cursor) -> int:
