@@ -669,12 +669,15 @@ def judge(figures: dict, p95_goal: float, recall_goal: float) -> dict:
 
 
 class InsertStream:
-    """One connection inserting reference embeddings (big, medium, small and random tenants in turn)
-    as fast as it can, like a bulk import, while searches are measured; the rows are deleted after."""
+    """One connection enrolling while searches are measured: each step inserts a reference embedding (big,
+    medium, small and random tenants in turn) and writes its character's identity (a new character, or
+    another reference of one the stream made: the identity moves), as enrolment does. As fast as it can, or
+    at most `rate` steps a second; the rows are deleted after."""
 
-    def __init__(self, open_connection, data: Dataset, seed: int) -> None:
+    def __init__(self, open_connection, data: Dataset, seed: int, rate: float = 0) -> None:
         self.conn = open_connection()
         self.data = data
+        self.rate_cap = rate
         self.rng = np.random.default_rng(seed)
         self.stop = threading.Event()
         self.count = 0
@@ -693,13 +696,23 @@ class InsertStream:
             )
             identity = int(self.rng.integers(0, n_ident))
             vector = noisy(self.rng, data.identities[identity : identity + 1])[0]
-            row = INSERT_ID_BASE + self.count
-            self.conn.execute(
-                "INSERT INTO characters_faceembedding (id, tenant_id, character_id, reference_id, embedder, dims, "
-                "embedding, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s::vector, now())",
-                [row, tenant, INSERT_ID_BASE + identity, row, EMBEDDER, DIMS, vector_literal(vector)],
-            )
+            row, character = INSERT_ID_BASE + self.count, INSERT_ID_BASE + identity
+            with self.conn.transaction():
+                self.conn.execute(
+                    "INSERT INTO characters_faceembedding (id, tenant_id, character_id, reference_id, embedder, "
+                    "dims, embedding, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s::vector, now())",
+                    [row, tenant, character, row, EMBEDDER, DIMS, vector_literal(vector)],
+                )
+                self.conn.execute(
+                    "INSERT INTO characters_characteridentity AS i (id, tenant_id, character_id, embedder, dims, "
+                    "embedding, reference_count, updated_at) VALUES (%s, %s, %s, %s, %s, %s::vector, 1, now()) "
+                    "ON CONFLICT (character_id, embedder) DO UPDATE SET embedding = EXCLUDED.embedding, "
+                    "reference_count = i.reference_count + 1, updated_at = now()",
+                    [row, tenant, character, EMBEDDER, DIMS, vector_literal(vector)],
+                )
             self.count += 1
+            if self.rate_cap:
+                time.sleep(max(0.0, self.began + self.count / self.rate_cap - time.perf_counter()))
 
     def __enter__(self):
         self.began = time.perf_counter()
@@ -711,7 +724,9 @@ class InsertStream:
         self.thread.join()
         self.rate = self.count / (time.perf_counter() - self.began)
         self.conn.execute(f"DELETE FROM characters_faceembedding WHERE id >= {INSERT_ID_BASE}")
+        self.conn.execute(f"DELETE FROM characters_characteridentity WHERE id >= {INSERT_ID_BASE}")
         self.conn.execute("VACUUM characters_faceembedding")
+        self.conn.execute("VACUUM characters_characteridentity")
         self.conn.close()
 
 
@@ -948,7 +963,7 @@ def run_size(args, size: int, conn, open_connection, out: dict, save) -> dict:
             search._valid_index = valid_index
     if args.concurrent_inserts:
         under = out["under_inserts"] = {}
-        with InsertStream(open_connection, data, args.seed) as stream:
+        with InsertStream(open_connection, data, args.seed, rate=args.insert_rate) as stream:
             for role in ("big", "medium", "small"):
                 under[f"{role} tenant faceemb"] = judge(
                     measure(conn, "faceemb", scopes[role], n, label=f"{role} refs under inserts"),
@@ -956,7 +971,8 @@ def run_size(args, size: int, conn, open_connection, out: dict, save) -> dict:
                     recall_goal,
                 )
             under["platform"] = measure(conn, "identity", scopes["global"], n, label="platform under inserts")
-        under["inserts_per_s"] = round(stream.rate, 1)
+        under["inserts_per_s"] = round(stream.rate, 1)  # enrolments: a reference and an identity write each
+        under["insert_rate_cap"] = args.insert_rate or None
         log(f"  insert stream: {stream.rate:.1f} rows/s")
         save()
     return out
@@ -1032,6 +1048,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exact-queries", type=int, default=50, help="queries for the forced exact scans")
     parser.add_argument("--ef", default="100,400", help="hnsw.ef_search values tried besides production's")
     parser.add_argument("--concurrent-inserts", action="store_true", help="also measure under an insert stream")
+    parser.add_argument(
+        "--insert-rate", type=float, default=0, help="enrolments a second of the insert stream (0: as fast as it can)"
+    )
     parser.add_argument("--prewarm", action="store_true", help="pg_prewarm indexes; heaps into the OS cache")
     parser.add_argument("--bit-hnsw-ef", default="", help="alternative: Hamming HNSW over identity codes at these ef")
     parser.add_argument("--bit-tenant-ef", default="", help="alternative: per-tenant Hamming HNSW at these ef")
