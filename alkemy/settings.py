@@ -104,10 +104,15 @@ TEMPLATES = [
 
 # Database: DATABASE_URL, else the embedded PostgreSQL (started on first connection). Persistent connections
 # are checked before each request or task reuses them, so a database restart costs no request and no job.
+# Prepared statements: only the face searches ask for them (characters.search.run_search, on a server-binding
+# cursor); Django's own queries bind client-side and are never prepared. ALKEMY_DB_PREPARED_STATEMENTS=0 turns
+# them off, for a connection pooler that cannot keep them (PgBouncer in transaction mode before 1.21).
+DATABASE_OPTIONS = {"prepare_threshold": 5 if env_bool("ALKEMY_DB_PREPARED_STATEMENTS", True) else None}
 if os.environ.get("DATABASE_URL"):
     DATABASES = {
         "default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=60, conn_health_checks=True)
     }
+    DATABASES["default"]["OPTIONS"] = {**DATABASES["default"].get("OPTIONS", {}), **DATABASE_OPTIONS}
 else:
     DATABASES = {
         "default": {
@@ -116,6 +121,7 @@ else:
             "PGDATA": str(ALKEMY_DATA_DIR / "pgdata"),
             "CONN_MAX_AGE": 60,
             "CONN_HEALTH_CHECKS": True,
+            "OPTIONS": DATABASE_OPTIONS,
         }
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

@@ -254,6 +254,33 @@ def test_pinned_plans_return_exactly_the_exact_top_results(crowded_database, stu
             )
             rest = {c: v for c, v in own.items() if c != exclude}
             assert [n.character_id for n in twins] == exact_top(rest, probe, 5)
+    # the searches are prepared statements (characters.search.run_search): past its fifth run PostgreSQL may
+    # answer one from a generic plan, and the answers above came from such plans too
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT sum(generic_plans), sum(custom_plans) FROM pg_prepared_statements "
+            "WHERE statement LIKE '%%characters_faceembedding%%'"
+        )
+        generic, custom = cursor.fetchone()
+    assert generic > 0 and custom > 0, (generic, custom)
+
+
+def test_searches_without_prepared_statements_answer_the_same(crowded_database, studio_b, monkeypatch):
+    """ALKEMY_DB_PREPARED_STATEMENTS=0 (a pooler that cannot keep them): the connection prepares nothing, and
+    run_search's statements are parsed and planned each time, with the same answers."""
+    query, _, vectors, _ = crowded_database
+    def prepared() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_prepared_statements")
+            return cursor.fetchone()[0]
+
+    before = prepared()
+    monkeypatch.setattr(connection.connection, "prepare_threshold", None)
+    own = vectors[studio_b.tenant.pk]
+    for probe in probes(query, own, np.random.default_rng(12))[4:]:  # noisy copies of stored faces
+        found = nearest_characters(tenant_id=studio_b.tenant.pk, embedder="dlib", vector=probe, limit=10)
+        assert [n.character_id for n in found] == exact_top(own, probe)
+    assert prepared() == before
 
 
 def test_a_tenant_without_an_identity_index_searches_its_reference_graph(crowded_database, studio_a, settings):
