@@ -48,7 +48,7 @@ class CharacterQuery:
 class CharacterRows:
     """The tenant's characters matching a `CharacterQuery`, as `CHARACTER_ROW` tuples, for a paginator.
 
-    One hand-written statement reads a page and the total (`page_with_total`): what `character_rows` over
+    One hand-written statement reads a page and the total (`page_with_total`): what the filtered, ordered
     `character_list` asks of the ORM, without building and compiling that query on every request (most of
     the list's own time, bench/load.py), and counting references for the page's rows only (a subquery per
     row after the LIMIT instead of a join and GROUP BY over all the tenant's references).

@@ -48,7 +48,7 @@ class CharacterSerializer(StrictModelSerializer):
 
     @staticmethod
     def rows_representation(rows) -> list[dict]:
-        """`to_representation` of `selectors.character_rows` tuples (the list's page): the same dicts without a
+        """`to_representation` of `selectors.CharacterRows` tuples (the list's page): the same dicts without a
         model instance per row (tests/test_load_paths.py compares them with DRF's fields)."""
         results = []
         for pk, name, slug, description, tags, archived, reference_count, created, updated in rows:

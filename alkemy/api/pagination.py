@@ -1,6 +1,6 @@
 from django.core.paginator import Paginator as DjangoPaginator
 from django.db.models import Count, Window
-from django.db.models.query import ModelIterable, ValuesListIterable
+from django.db.models.query import ModelIterable
 from rest_framework.exceptions import ValidationError
 from rest_framework.pagination import PageNumberPagination
 
@@ -23,9 +23,9 @@ class OneQueryPaginator(DjangoPaginator):
     """A page of a queryset and the total in one query (`COUNT(*) OVER ()` on each row of the page), instead
     of a COUNT(*) and then the page: one query less for every list (bench/load.py). Falls back to Django's
     COUNT(*) for an empty page (past the end, or nothing at all), a DISTINCT or combined query (where a window
-    counts the wrong rows), a sliced, `.values()`, flat or named `.values_list()` queryset, or a list that is not
-    a queryset. Plain `.values_list()` tuples come without the total. An object with `page_with_total(offset,
-    limit)`, `count()` and slicing (`characters.selectors.CharacterRows`) reads its page and total itself."""
+    counts the wrong rows), a sliced, `.values()` or `.values_list()` queryset, or a list that is not a
+    queryset. An object with `page_with_total(offset, limit)`, `count()` and slicing
+    (`characters.selectors.CharacterRows`) reads its page and total itself."""
 
     TOTAL = "_alkemy_page_total"
 
@@ -39,7 +39,7 @@ class OneQueryPaginator(DjangoPaginator):
             or query.distinct
             or query.combinator
             or query.is_sliced
-            or getattr(queryset, "_iterable_class", None) not in (ModelIterable, ValuesListIterable)
+            or getattr(queryset, "_iterable_class", None) is not ModelIterable
             or "count" in self.__dict__
         ):
             return super().page(number)
@@ -55,11 +55,7 @@ class OneQueryPaginator(DjangoPaginator):
         rows = list(queryset.annotate(**{self.TOTAL: Window(Count("*"))})[bottom : bottom + self.per_page])
         if not rows:
             return super().page(number)
-        if queryset._iterable_class is ValuesListIterable:  # tuples: the window's column comes last
-            self.__dict__["count"] = rows[0][-1]  # Paginator.count is a cached_property
-            rows = [row[:-1] for row in rows]
-        else:
-            self.__dict__["count"] = getattr(rows[0], self.TOTAL)
+        self.__dict__["count"] = getattr(rows[0], self.TOTAL)  # Paginator.count is a cached_property
         return self._get_page(rows, number, self)
 
 
